@@ -1,0 +1,353 @@
+"""Flax NNX image classifiers and the one functional model interface.
+
+Every model maps a batch (N, H, W, C) to logits (N, L), exposes its
+penultimate-layer features through ``features(x)``, and takes its activation
+by name (``relu``, ``softplus`` with ``beta``, ``gelu``, ``tanh``, ``swish``):
+smooth activations give meaningful input Hessians for the curvature analyses,
+ReLU nets are piecewise linear.
+
+``functional(model)`` turns a module into ``(apply_fn, params)`` with
+``apply_fn(params, x)`` the logits of ONE unbatched example, the interface
+every analysis in bgeom takes. No analysis imports Flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = ("relu", "softplus", "gelu", "tanh", "swish")
+MODELS = ("mlp", "lenet", "cnn", "resnet18")
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """A named activation, hashable by value so equal models have equal graphs.
+
+    ``softplus`` is ``softplus(beta * x) / beta``: a smooth ReLU whose sharpness
+    grows with ``beta`` (ReLU as beta -> inf).
+    """
+
+    name: str
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if self.name not in ACTIVATIONS:
+            raise ValueError(
+                f"Unknown activation {self.name!r}; choose one of {', '.join(ACTIVATIONS)}."
+            )
+        if self.name == "softplus" and not self.beta > 0:
+            raise ValueError(f"softplus needs beta > 0; got {self.beta}.")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.name == "relu":
+            return jax.nn.relu(x)
+        if self.name == "softplus":
+            return jax.nn.softplus(self.beta * x) / self.beta
+        if self.name == "gelu":
+            return jax.nn.gelu(x)
+        if self.name == "tanh":
+            return jnp.tanh(x)
+        return jax.nn.swish(x)
+
+
+def get_activation(name: str, beta: float = 1.0) -> Activation:
+    """The activation function called ``name`` (one of ``ACTIVATIONS``)."""
+    return Activation(name, float(beta))
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1)
+
+
+def _pooled(n: int, times: int = 2) -> int:
+    """Spatial size after ``times`` ceil-mode 2x2 poolings."""
+    for _ in range(times):
+        n = -(-n // 2)
+    return n
+
+
+def _pool(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling that keeps odd sizes (ceil), so tiny inputs like 8x8 work."""
+    return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+
+
+class MLP(nnx.Module):
+    """Fully connected classifier on flattened images."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        hidden: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        beta: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        self.act = get_activation(activation, beta)
+        sizes = [int(jnp.prod(jnp.asarray(input_shape))), *hidden]
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+        )
+        self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        h = _flat(x)
+        for layer in self.layers:
+            h = self.act(layer(h))
+        return h
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
+
+
+class LeNet(nnx.Module):
+    """LeNet-5 (LeCun et al. 1998) with 'SAME' convolutions so any input size works."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        activation: str = "relu",
+        beta: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        h, w, c = input_shape
+        self.act = get_activation(activation, beta)
+        self.conv1 = nnx.Conv(c, 6, (5, 5), rngs=rngs)
+        self.conv2 = nnx.Conv(6, 16, (5, 5), rngs=rngs)
+        flat = _pooled(h) * _pooled(w) * 16
+        self.fc1 = nnx.Linear(flat, 120, rngs=rngs)
+        self.fc2 = nnx.Linear(120, 84, rngs=rngs)
+        self.head = nnx.Linear(84, num_classes, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        h = _pool(self.act(self.conv1(x)))
+        h = _pool(self.act(self.conv2(h)))
+        h = self.act(self.fc1(_flat(h)))
+        return self.act(self.fc2(h))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
+
+
+class CNN(nnx.Module):
+    """Small VGG-style CNN: two blocks of two 3x3 convolutions, then a dense layer."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        width: int = 32,
+        hidden: int = 128,
+        activation: str = "relu",
+        beta: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        h, w, c = input_shape
+        self.act = get_activation(activation, beta)
+        self.convs = nnx.List(
+            [
+                nnx.Conv(c, width, (3, 3), rngs=rngs),
+                nnx.Conv(width, width, (3, 3), rngs=rngs),
+                nnx.Conv(width, 2 * width, (3, 3), rngs=rngs),
+                nnx.Conv(2 * width, 2 * width, (3, 3), rngs=rngs),
+            ]
+        )
+        flat = _pooled(h) * _pooled(w) * 2 * width
+        self.fc = nnx.Linear(flat, hidden, rngs=rngs)
+        self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        h = x
+        for i, conv in enumerate(self.convs):
+            h = self.act(conv(h))
+            if i % 2 == 1:
+                h = _pool(h)
+        return self.act(self.fc(_flat(h)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nnx.Module):
+    """ResNet basic block: two 3x3 conv + batch-norm layers and a shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, act: Callable, *, rngs: nnx.Rngs):
+        self.act = act
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+        if stride != 1 or cin != cout:
+            self.short_conv = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            self.short_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+        else:
+            self.short_conv = None
+            self.short_bn = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.act(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        s = x if self.short_conv is None else self.short_bn(self.short_conv(x))
+        return self.act(h + s)
+
+
+class ResNet18(nnx.Module):
+    """CIFAR-style ResNet-18 (He et al. 2016): 3x3 stem, no initial max-pool.
+
+    ``width`` scales every stage (64 is the standard network; small widths give
+    toy-sized versions for tests).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        width: int = 64,
+        activation: str = "relu",
+        beta: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        _, _, c = input_shape
+        act = get_activation(activation, beta)
+        self.act = act
+        self.stem = nnx.Conv(c, width, (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+        blocks = []
+        cin = width
+        for stage, mult in enumerate((1, 2, 4, 8)):
+            cout = width * mult
+            for j in range(2):
+                stride = 2 if (stage > 0 and j == 0) else 1
+                blocks.append(BasicBlock(cin, cout, stride, act, rngs=rngs))
+                cin = cout
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        h = self.act(self.stem_bn(self.stem(x)))
+        for block in self.blocks:
+            h = block(h)
+        return jnp.mean(h, axis=(1, 2))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
+
+
+_CONSTRUCTORS = {"mlp": MLP, "lenet": LeNet, "cnn": CNN, "resnet18": ResNet18}
+
+
+def create(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    seed: int = 0,
+    activation: str = "relu",
+    beta: float = 1.0,
+    **kwargs: Any,
+) -> nnx.Module:
+    """Build the classifier called ``name`` (one of ``MODELS``) with a seeded init.
+
+    Args:
+      name: ``mlp``, ``lenet``, ``cnn`` or ``resnet18``.
+      input_shape: (H, W, C) of one image.
+      num_classes: number of logits.
+      seed: initialisation seed.
+      activation: one of ``ACTIVATIONS``; ``beta`` is softplus' sharpness.
+      **kwargs: architecture options (``hidden`` for mlp; ``width``/``hidden``
+        for cnn; ``width`` for resnet18).
+    """
+    if name not in _CONSTRUCTORS:
+        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+    get_activation(activation, beta)  # validates the name early, with a clear error
+    if len(tuple(input_shape)) != 3:
+        raise ValueError(f"input_shape must be (H, W, C); got {tuple(input_shape)}.")
+    try:
+        return _CONSTRUCTORS[name](
+            tuple(input_shape),
+            int(num_classes),
+            activation=activation,
+            beta=beta,
+            rngs=nnx.Rngs(seed),
+            **kwargs,
+        )
+    except TypeError as e:
+        raise ValueError(f"Bad options for model {name!r}: {e}.") from None
+
+
+class ApplyFn:
+    """``apply_fn(params, x)`` of a split NNX module, for one unbatched example.
+
+    Equal (and equally hashed) for equal graph definitions, so jitted analyses
+    that take ``apply_fn`` as a static argument reuse their compiled code across
+    ``functional`` calls on the same architecture.
+    """
+
+    def __init__(self, graphdef: Any, method: str):
+        self.graphdef = graphdef
+        self.method = method
+
+    def __call__(self, params: Any, x: jax.Array) -> jax.Array:
+        model = nnx.merge(self.graphdef, params)
+        return getattr(model, self.method)(x[None])[0]
+
+    def batched(self, params: Any, x: jax.Array) -> jax.Array:
+        """The same function on a batch (N, H, W, C), without a vmap."""
+        return getattr(nnx.merge(self.graphdef, params), self.method)(x)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ApplyFn)
+            and self.method == other.method
+            and self.graphdef == other.graphdef
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.graphdef, self.method))
+
+    def __repr__(self) -> str:
+        return f"ApplyFn({self.method})"
+
+
+def functional(model: nnx.Module, *, features: bool = False) -> tuple[Callable, Any]:
+    """Split an NNX module into ``(apply_fn, params)`` for ONE unbatched example.
+
+    The module is put in evaluation mode first (batch-norm uses its running
+    statistics), so ``apply_fn(params, x) == model(x[None])[0]`` after
+    ``model.eval()``. ``params`` is the whole ``nnx.State`` (parameters and
+    batch statistics): everything the forward pass reads is traced, nothing is
+    captured in a closure. Stack several states along a new leading axis and
+    ``jax.vmap(apply_fn, in_axes=(0, None))`` evaluates an ensemble.
+
+    Args:
+      model: any bgeom (or other NNX) classifier.
+      features: return the penultimate-layer features instead of the logits
+        (the model must have a ``features`` method).
+
+    Returns:
+      ``(apply_fn, params)``.
+    """
+    if not isinstance(model, nnx.Module):
+        raise ValueError(f"functional expects a Flax NNX Module; got {type(model).__name__}.")
+    method = "features" if features else "__call__"
+    if features and not hasattr(model, "features"):
+        raise ValueError(f"{type(model).__name__} has no features() method.")
+    model.eval()
+    graphdef, params = nnx.split(model)
+    return ApplyFn(graphdef, method), params
+
+
+def unstack(params: Any, i: int) -> Any:
+    """Member ``i`` of an ensemble's stacked parameters."""
+    return jax.tree.map(lambda a: a[i], params)
