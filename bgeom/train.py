@@ -247,6 +247,7 @@ def fit(
     transform: Transform | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    name: str | None = None,
     **model_kwargs: Any,
 ) -> TrainResult:
     """Train one model (``seeds=int``) or an ensemble (``seeds=[...]``) with optax.
@@ -264,6 +265,7 @@ def fit(
       checkpoint_dir: where orbax checkpoints go; an existing one of the same
         run is resumed (a finished one is loaded without training).
       progress: show a progress bar.
+      name: label of the progress bar (default: the model name).
 
     Returns:
       A ``TrainResult``.
@@ -392,7 +394,8 @@ def fit(
         total=total_steps,
         initial=step,
         disable=not progress,
-        desc=f"train {model_desc if isinstance(model, str) else 'model'} x{num_members}",
+        desc=f"train {name or (model if isinstance(model, str) else 'model')}"
+        + (f" x{num_members}" if is_ensemble else ""),
         unit="step",
         leave=False,
     )

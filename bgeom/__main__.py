@@ -1,0 +1,5 @@
+import sys
+
+from bgeom.cli import main
+
+sys.exit(main())

@@ -1,0 +1,511 @@
+"""The benchmark-suite runner: a config in, a run folder out.
+
+A config names datasets, models (each trained on one dataset) and probes. A
+probe is one registered function ``probe(ctx, spec) -> ProbeOutput``; add one
+with ``@register_probe("name", option=default, ...)`` and it becomes usable in
+configs, is validated, cached and shown in the report.
+
+Run folder layout::
+
+    config.json                 the resolved config of the last run
+    models/<name>/              orbax checkpoints + run.json + summary.json
+    results/<probe>.json        summary numbers (+ fingerprint of what made them)
+    results/<probe>.npz         the arrays behind them
+    plots/<probe>-<fig>.png     figures
+    report.html                 self-contained report (images embedded)
+
+Re-running reuses every finished step: a model whose checkpoint is complete is
+loaded, a probe whose fingerprint (its spec plus the specs of its models and
+datasets) is unchanged is not recomputed. An interrupted training resumes at
+the step it stopped at.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bgeom import data as data_lib
+from bgeom import models as models_lib
+from bgeom import train as train_lib
+from bgeom.margins import deepfool
+
+# The embedded default: digits, three small models, DeepFool margins. Runs in
+# about a minute on 2 CPU cores.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "name": "digits",
+    "seed": 0,
+    "datasets": {"digits": {"name": "digits"}},
+    "models": {
+        "cnn-relu": {"dataset": "digits", "model": "cnn", "activation": "relu"},
+        "cnn-softplus": {
+            "dataset": "digits",
+            "model": "cnn",
+            "activation": "softplus",
+            "beta": 5.0,
+        },
+        "mlp-relu": {"dataset": "digits", "model": "mlp", "activation": "relu"},
+    },
+    "probes": [{"probe": "margins"}],
+}
+
+_MODEL_KEYS = {"dataset", "model", "activation", "beta", "seeds", "train", "options"}
+_DATASET_KEYS = {"name", "size", "data_dir", "max_train", "max_test", "options"}
+
+
+@dataclasses.dataclass
+class ProbeOutput:
+    """What a probe returns: numbers for the summary, arrays, and figures.
+
+    Attributes:
+      summary: JSON-serialisable numbers (every number behind every plot).
+      arrays: named NumPy arrays saved to ``results/<probe>.npz``.
+      figures: named matplotlib figures saved as PNG and embedded in the report.
+      notes: sentences for the report (caveats, what was skipped and why).
+    """
+
+    summary: dict[str, Any]
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    name: str
+    fn: Callable[[SuiteContext, dict], ProbeOutput]
+    defaults: dict[str, Any]
+    description: str
+
+
+PROBES: dict[str, Probe] = {}
+
+
+def register_probe(name: str, **defaults: Any) -> Callable:
+    """Register ``fn(ctx, spec) -> ProbeOutput`` as the suite probe ``name``.
+
+    ``defaults`` are the probe's options; a config may override them and any
+    other key is rejected. Every probe also takes ``models`` (default: all).
+    """
+
+    def decorator(fn: Callable) -> Callable:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        PROBES[name] = Probe(name, fn, dict(defaults), doc[0] if doc else name)
+        return fn
+
+    return decorator
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None) -> dict[str, Any]:
+    """Read a TOML or JSON config (``None``: the embedded default) and validate it."""
+    if path is None:
+        return validate_config(copy.deepcopy(DEFAULT_CONFIG))
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    try:
+        config = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"Cannot parse {path}: {e}.") from None
+    return validate_config(config)
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Check a config and fill in every default; return the resolved config."""
+    if not isinstance(config, dict):
+        raise ValueError("A suite config must be a table/object.")
+    unknown = set(config) - {"name", "seed", "datasets", "models", "probes"}
+    if unknown:
+        raise ValueError(f"Unknown config key(s) {sorted(unknown)}.")
+    out: dict[str, Any] = {"name": str(config.get("name", "suite")), "seed": config.get("seed", 0)}
+    datasets = config.get("datasets") or {}
+    if not datasets:
+        raise ValueError("The config needs at least one entry under [datasets].")
+    out["datasets"] = {}
+    for key, spec in datasets.items():
+        bad = set(spec) - _DATASET_KEYS
+        if bad:
+            raise ValueError(f"datasets.{key}: unknown key(s) {sorted(bad)}; valid: {sorted(_DATASET_KEYS)}.")
+        if "name" not in spec:
+            raise ValueError(f"datasets.{key}: needs a name (digits, synthetic or a TFDS name).")
+        out["datasets"][key] = dict(spec)
+    models = config.get("models") or {}
+    if not models:
+        raise ValueError("The config needs at least one entry under [models].")
+    out["models"] = {}
+    for key, spec in models.items():
+        bad = set(spec) - _MODEL_KEYS
+        if bad:
+            raise ValueError(f"models.{key}: unknown key(s) {sorted(bad)}; valid: {sorted(_MODEL_KEYS)}.")
+        spec = dict(spec)
+        if spec.get("model") not in models_lib.MODELS:
+            raise ValueError(
+                f"models.{key}: unknown model {spec.get('model')!r}; choose one of "
+                f"{', '.join(models_lib.MODELS)}."
+            )
+        if spec.get("dataset") not in out["datasets"]:
+            raise ValueError(
+                f"models.{key}: dataset {spec.get('dataset')!r} is not defined under [datasets]."
+            )
+        spec.setdefault("activation", "relu")
+        spec.setdefault("beta", 1.0)
+        spec.setdefault("seeds", 0)
+        spec.setdefault("options", {})
+        models_lib.get_activation(spec["activation"], spec["beta"])
+        train_spec = dict(spec.get("train") or {})
+        recipe_name = train_spec.pop("recipe", "default")
+        train_lib.recipe(recipe_name, **train_spec)  # validates
+        spec["train"] = {"recipe": recipe_name, **train_spec}
+        out["models"][key] = spec
+    probes = config.get("probes") or []
+    out["probes"] = []
+    seen = set()
+    for i, spec in enumerate(probes):
+        spec = dict(spec)
+        name = spec.pop("probe", None)
+        if name not in PROBES:
+            raise ValueError(
+                f"probes[{i}]: unknown probe {name!r}; available: {', '.join(sorted(PROBES))}."
+            )
+        probe = PROBES[name]
+        label = spec.pop("id", name)
+        if label in seen:
+            raise ValueError(f"probes[{i}]: two probes are called {label!r}; give one an id.")
+        seen.add(label)
+        models_used = spec.pop("models", list(out["models"]))
+        for m in models_used:
+            if m not in out["models"]:
+                raise ValueError(f"probes[{i}] ({name}): model {m!r} is not defined under [models].")
+        bad = set(spec) - set(probe.defaults)
+        if bad:
+            raise ValueError(
+                f"probes[{i}] ({name}): unknown option(s) {sorted(bad)}; valid: "
+                f"{sorted(probe.defaults)}."
+            )
+        out["probes"].append(
+            {"probe": name, "id": label, "models": list(models_used), **probe.defaults, **spec}
+        )
+    return out
+
+
+class SuiteContext:
+    """What a probe sees: the datasets, the trained models, the output folder."""
+
+    def __init__(self, config: dict[str, Any], out: Path, progress: bool = True):
+        self.config = config
+        self.out = out
+        self.progress = progress
+        self._datasets: dict[str, data_lib.Dataset] = {}
+        self._models: dict[str, train_lib.TrainResult] = {}
+
+    def dataset(self, key: str) -> data_lib.Dataset:
+        """The dataset defined as ``key`` in the config (loaded once)."""
+        if key not in self._datasets:
+            spec = dict(self.config["datasets"][key])
+            options = spec.pop("options", {}) or {}
+            name = spec.pop("name")
+            if name == "synthetic" and "shape" in options:
+                options = {**options, "shape": tuple(options["shape"])}
+            self._datasets[key] = data_lib.load(name, **spec, **options)
+        return self._datasets[key]
+
+    def model_dataset(self, model_key: str) -> data_lib.Dataset:
+        return self.dataset(self.config["models"][model_key]["dataset"])
+
+    def model(self, key: str) -> train_lib.TrainResult:
+        """The model defined as ``key``, trained on first use (or loaded if finished)."""
+        if key not in self._models:
+            spec = self.config["models"][key]
+            train_spec = dict(spec["train"])
+            config = train_lib.recipe(train_spec.pop("recipe"), **train_spec)
+            folder = self.out / "models" / key
+            seeds = spec["seeds"]
+            result = train_lib.fit(
+                spec["model"],
+                self.model_dataset(key),
+                config=config,
+                seeds=seeds if isinstance(seeds, int) else list(seeds),
+                checkpoint_dir=folder,
+                progress=self.progress,
+                name=key,
+                activation=spec["activation"],
+                beta=spec["beta"],
+                **spec["options"],
+            )
+            summary = {
+                "model": key,
+                "spec": spec,
+                "test_accuracy": np.atleast_1d(result.test_accuracy).tolist(),
+                "history": {k: v.tolist() for k, v in result.history.items()},
+            }
+            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._models[key] = result
+        return self._models[key]
+
+    def members(self, key: str) -> list[tuple[Callable, Any]]:
+        """``(apply_fn, params)`` of every member of model ``key`` (one unless an ensemble)."""
+        result = self.model(key)
+        return [result.member(i) for i in range(len(result.seeds))]
+
+    def map(
+        self,
+        fn: Callable,
+        *args: Any,
+        in_axes: tuple[int | None, ...] | int = 0,
+        batch_size: int = 128,
+        desc: str = "",
+    ) -> Any:
+        """``jax.jit(jax.vmap(fn, in_axes))(*args)`` in fixed-size chunks, with progress.
+
+        Arguments with ``in_axes`` 0 are mapped over their leading axis and
+        chunked; those with ``None`` (parameters) are passed whole as traced
+        arguments. The last chunk is padded (and the padding dropped) so one
+        compiled function serves every chunk.
+        """
+        from tqdm.auto import tqdm
+
+        axes = (in_axes,) * len(args) if isinstance(in_axes, int | None) else tuple(in_axes)
+        mapped_args = [a for a, ax in zip(args, axes, strict=True) if ax is not None]
+        n = len(mapped_args[0])
+        batch_size = max(1, min(batch_size, n))
+        mapped = jax.jit(jax.vmap(fn, in_axes=axes))
+        outputs = []
+        with tqdm(total=n, desc=desc, disable=not self.progress, leave=False, unit="ex") as bar:
+            for start in range(0, n, batch_size):
+                size = min(batch_size, n - start)
+                call = []
+                for a, ax in zip(args, axes, strict=True):
+                    if ax is None:
+                        call.append(a)
+                        continue
+                    c = np.asarray(a[start : start + batch_size])
+                    if size < batch_size:
+                        c = np.concatenate([c, np.repeat(c[:1], batch_size - size, 0)])
+                    call.append(jnp.asarray(c))
+                result = mapped(*call)
+                outputs.append(jax.tree.map(lambda a, size=size: np.asarray(a[:size]), result))
+                bar.update(size)
+        return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def _probe_fingerprint(config: dict[str, Any], spec: dict[str, Any]) -> str:
+    models = {m: config["models"][m] for m in spec["models"]}
+    datasets = {m["dataset"]: config["datasets"][m["dataset"]] for m in models.values()}
+    return _fingerprint({"probe": spec, "models": models, "datasets": datasets})
+
+
+def _save_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    tmp.replace(path)  # atomic: an interrupted write never leaves a half file
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray | jax.Array):
+        return np.asarray(o).tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def run(
+    config: dict[str, Any] | str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run a suite and write its run folder; return the path of ``report.html``.
+
+    Args:
+      config: a config dict, a TOML/JSON file, or ``None`` for the embedded default.
+      out: the run folder (default ``runs/<config name>``).
+      progress: show progress bars.
+      log: where one-line status messages go.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bgeom import report
+
+    if isinstance(config, dict):
+        config = validate_config(config)
+    else:
+        config = load_config(config)
+    out = Path(out) if out is not None else Path("runs") / config["name"]
+    for sub in ("models", "results", "plots"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    _save_json(out / "config.json", config)
+    ctx = SuiteContext(config, out, progress)
+
+    started = time.time()
+    for key in config["models"]:
+        t0 = time.time()
+        result = ctx.model(key)
+        acc = ", ".join(f"{a:.3f}" for a in np.atleast_1d(result.test_accuracy))
+        log(f"model {key}: test accuracy {acc} ({time.time() - t0:.1f}s)")
+
+    for spec in config["probes"]:
+        probe = PROBES[spec["probe"]]
+        fingerprint = _probe_fingerprint(config, spec)
+        result_path = out / "results" / f"{spec['id']}.json"
+        if result_path.exists():
+            previous = json.loads(result_path.read_text())
+            if previous.get("fingerprint") == fingerprint:
+                log(f"probe {spec['id']}: reused finished results")
+                continue
+        t0 = time.time()
+        output = probe.fn(ctx, spec)
+        figures = {}
+        for fig_name, fig in output.figures.items():
+            path = out / "plots" / f"{spec['id']}-{fig_name}.png"
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            plt.close(fig)
+            figures[fig_name] = path.name
+        if output.arrays:
+            np.savez_compressed(out / "results" / f"{spec['id']}.npz", **output.arrays)
+        _save_json(
+            result_path,
+            {
+                "probe": spec["probe"],
+                "id": spec["id"],
+                "description": probe.description,
+                "spec": spec,
+                "fingerprint": fingerprint,
+                "seconds": round(time.time() - t0, 2),
+                "summary": output.summary,
+                "figures": figures,
+                "notes": output.notes,
+            },
+        )
+        log(f"probe {spec['id']}: done ({time.time() - t0:.1f}s)")
+
+    report_path = report.write_report(out)
+    log(f"suite {config['name']} finished in {time.time() - started:.1f}s; report: {report_path}")
+    return report_path
+
+
+# --------------------------------------------------------------------- probes
+
+
+@register_probe(
+    "margins", samples=500, candidates=10, overshoot=0.02, max_iter=50, batch_size=128, examples=6
+)
+def margins_probe(ctx: SuiteContext, spec: dict[str, Any]) -> ProbeOutput:
+    """DeepFool margins (minimal L2 perturbations) on test images, per model and class."""
+    from bgeom import report
+
+    summary: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    notes: list[str] = []
+    pooled: dict[str, np.ndarray] = {}
+    per_class: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    examples: dict[str, dict[str, np.ndarray]] = {}
+    for key in spec["models"]:
+        data = ctx.model_dataset(key)
+        n = min(int(spec["samples"]), len(data.x_test))
+        x, y = data.x_test[:n], data.y_test[:n]
+        member_results = []
+        for i, (apply_fn, params) in enumerate(ctx.members(key)):
+
+            def one(p, xi, apply_fn=apply_fn):
+                return deepfool(
+                    apply_fn,
+                    p,
+                    xi,
+                    candidates=spec["candidates"],
+                    overshoot=spec["overshoot"],
+                    max_iter=spec["max_iter"],
+                )
+
+            member_results.append(
+                ctx.map(
+                    one,
+                    params,
+                    x,
+                    in_axes=(None, 0),
+                    batch_size=spec["batch_size"],
+                    desc=f"deepfool {key}[{i}]",
+                )
+            )
+        # Stack members: arrays are (members, n, ...).
+        res = jax.tree.map(lambda *a: np.stack(a), *member_results)
+        margin = res.margin
+        converged = res.converged
+        for field in ("margin", "converged", "label", "adv_label", "iterations"):
+            arrays[f"{key}/{field}"] = np.asarray(getattr(res, field))
+        arrays[f"{key}/true_label"] = y
+        ok = margin[converged]
+        # margin / ||x||, the scale-free robustness of Fawzi et al.
+        relative = margin / np.linalg.norm(x.reshape(n, -1), axis=1)[None]
+        correct = res.label == y[None]
+        summary[key] = {
+            "samples": int(n),
+            "members": int(margin.shape[0]),
+            "flipped_fraction": float(np.mean(converged)),
+            "not_flipped": int(np.sum(~converged)),
+            "median_margin": float(np.median(ok)) if ok.size else None,
+            "mean_margin": float(np.mean(ok)) if ok.size else None,
+            "quartiles": np.quantile(ok, [0.25, 0.75]).tolist() if ok.size else None,
+            "median_margin_correct_only": float(np.median(margin[converged & correct]))
+            if np.any(converged & correct)
+            else None,
+            "median_margin_per_member": [
+                float(np.median(m[c])) if np.any(c) else None
+                for m, c in zip(margin, converged, strict=True)
+            ],
+            "median_iterations": float(np.median(res.iterations)),
+            "max_iterations": int(np.max(res.iterations)),
+            "median_margin_per_class": {
+                int(c): float(np.median(margin[converged & (res.label == c)]))
+                for c in range(data.num_classes)
+                if np.any(converged & (res.label == c))
+            },
+            "median_relative_margin": float(np.median(relative[converged])) if ok.size else None,
+        }
+        if np.any(~converged):
+            notes.append(
+                f"{key}: {int(np.sum(~converged))} of {converged.size} samples did not flip "
+                f"within max_iter={spec['max_iter']}; they are left out of every margin statistic."
+            )
+        pooled[key] = ok
+        per_class[key] = (margin[converged], res.label[converged])
+        k = min(int(spec["examples"]), n)
+        pick = np.flatnonzero(converged[0])[:k]
+        examples[key] = {
+            "x": x[pick],
+            "perturbation": res.perturbation[0][pick],
+            "label": res.label[0][pick],
+            "adv_label": res.adv_label[0][pick],
+            "margin": margin[0][pick],
+        }
+    figures = {
+        "distribution": report.plot_margin_distribution(pooled),
+        "per_class": report.plot_margin_per_class(
+            per_class, ctx.model_dataset(spec["models"][0]).num_classes
+        ),
+    }
+    for key, ex in examples.items():
+        if len(ex["x"]):
+            figures[f"examples-{key}"] = report.plot_perturbations(ex, title=key)
+    return ProbeOutput(summary=summary, arrays=arrays, figures=figures, notes=notes)

@@ -1,0 +1,77 @@
+"""Every analysis composes with jit and vmap: jit == eager, vmap == a Python loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tol
+
+import bgeom
+from bgeom import models
+
+
+@pytest.fixture(scope="module")
+def smooth_mlp():
+    model = models.create("mlp", (6, 6, 1), 4, hidden=(32,), activation="softplus", beta=4.0)
+    return models.functional(model)
+
+
+def _samples(n=5):
+    return jax.random.uniform(jax.random.PRNGKey(7), (n, 6, 6, 1))
+
+
+ANALYSES = {
+    "deepfool": lambda apply_fn, params, x: bgeom.deepfool(apply_fn, params, x),
+    "deepfool_bounded": lambda apply_fn, params, x: bgeom.deepfool(
+        apply_fn, params, x, bounds=(0.0, 1.0), candidates=3
+    ),
+}
+
+
+def _assert_trees_close(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        u, v = np.asarray(u), np.asarray(v)
+        if np.issubdtype(u.dtype, np.floating):
+            np.testing.assert_allclose(u, v, **tol(u.dtype, 64))
+        else:
+            np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("name", sorted(ANALYSES))
+def test_jit_equals_eager(name, smooth_mlp):
+    apply_fn, params = smooth_mlp
+    fn = ANALYSES[name]
+    x = _samples(1)[0]
+    with jax.disable_jit():
+        eager = fn(apply_fn, params, x)
+    jitted = jax.jit(lambda p, xi: fn(apply_fn, p, xi))(params, x)
+    assert bool(eager.converged)
+    _assert_trees_close(eager, jitted)
+
+
+@pytest.mark.parametrize("name", sorted(ANALYSES))
+def test_vmap_equals_loop(name, smooth_mlp):
+    apply_fn, params = smooth_mlp
+    fn = ANALYSES[name]
+    xs = _samples()
+    batched = jax.vmap(lambda xi: fn(apply_fn, params, xi))(xs)
+    looped = jax.tree.map(lambda *a: jnp.stack(a), *[fn(apply_fn, params, xi) for xi in xs])
+    _assert_trees_close(batched, looped)
+
+
+def test_vmap_over_ensemble_params(smooth_mlp):
+    apply_fn, _ = smooth_mlp
+    states = [
+        models.functional(
+            models.create("mlp", (6, 6, 1), 4, hidden=(32,), activation="softplus", seed=s)
+        )[1]
+        for s in range(3)
+    ]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    xs = _samples(4)
+    grid = jax.vmap(
+        lambda p: jax.vmap(lambda xi: bgeom.deepfool(apply_fn, p, xi))(xs)
+    )(stacked)
+    for i, p in enumerate(states):
+        row = jax.vmap(lambda xi, p=p: bgeom.deepfool(apply_fn, p, xi))(xs)
+        _assert_trees_close(jax.tree.map(lambda a, i=i: a[i], grid), row)
