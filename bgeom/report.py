@@ -38,18 +38,10 @@ def plot_margin_distribution(margins: dict[str, np.ndarray]) -> plt.Figure:
         m = m[np.isfinite(m)]
         if not m.size:
             continue
-        ax.hist(m, bins=bins, histtype="step", lw=1.8, color=color, label=name)
         med = float(np.median(m))
+        label = f"{name} (median {med:.3g}, n={m.size})"
+        ax.hist(m, bins=bins, histtype="step", lw=1.8, color=color, label=label)
         ax.axvline(med, color=color, ls="--", lw=1)
-        ax.annotate(
-            f"{med:.3g}",
-            (med, 1),
-            xycoords=("data", "axes fraction"),
-            color=color,
-            fontsize=8,
-            ha="left",
-            va="top",
-        )
     ax.set_xlabel("margin ||r||_2 (DeepFool)")
     ax.set_ylabel("samples")
     ax.set_title("Distribution of margins (dashed: median)")
@@ -62,7 +54,7 @@ def plot_margin_per_class(
     per_class: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int
 ) -> plt.Figure:
     """Box plots of the margins per predicted class, one colour per model."""
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.7 * num_classes * max(len(per_class), 1)), 3.6))
+    fig, ax = plt.subplots(figsize=(min(12.0, 2.0 + 0.35 * num_classes * max(len(per_class), 1)), 3.6))
     width = 0.8 / max(len(per_class), 1)
     handles = []
     for j, ((name, (m, lab)), color) in enumerate(
@@ -116,8 +108,7 @@ def plot_perturbations(examples: dict[str, np.ndarray], title: str = "") -> plt.
         _image(axes[i, 2], np.clip(x[i] + r[i], 0, 1), vmin=0, vmax=1)
         axes[i, 0].set_ylabel(f"label {int(examples['label'][i])}", fontsize=8)
         axes[i, 1].set_title(f"||r|| = {float(examples['margin'][i]):.3f}", fontsize=8)
-        axes[i, 2].set_title(f"-> {int(examples['adv_label'][i])}", fontsize=8)
-    axes[0, 0].set_title("image" + ("\n" if k else ""), fontsize=9)
+        axes[i, 2].set_title(f"x + r -> {int(examples['adv_label'][i])}", fontsize=8)
     fig.suptitle(f"Minimal perturbations: {title}", fontsize=10)
     fig.tight_layout()
     return fig
