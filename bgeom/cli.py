@@ -19,15 +19,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", help="digits, synthetic or a TFDS name (default: digits)")
+    p.add_argument(
+        "--dataset", default="digits", help="digits, synthetic or a TFDS name (default: digits)"
+    )
     p.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument(
+        "--max-train", type=int, default=None, help="use only the first N training images"
+    )
     p.add_argument("--max-test", type=int, default=None, help="use only the first N test images")
     p.add_argument("--model", default="cnn", help="mlp, lenet, cnn or resnet18 (default: cnn)")
     p.add_argument("--activation", default="relu", help="relu, softplus, gelu, tanh or swish")
     p.add_argument("--beta", type=float, default=1.0, help="softplus sharpness (default: 1)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one seed, or several for a vmapped ensemble")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one seed, or several for a vmapped ensemble",
+    )
     p.add_argument("--recipe", default="default", help="training recipe: default or holdmetight")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
@@ -76,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the configured models, run the configured probes, and write "
         "results, plots and report.html to a run folder. Finished steps are reused.",
     )
-    p.add_argument("--config", default=None, help="TOML or JSON suite config (default: embedded digits suite)")
+    p.add_argument(
+        "--config", default=None, help="TOML or JSON suite config (default: embedded digits suite)"
+    )
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -94,14 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(p)
     p.add_argument("--samples", type=int, default=500, help="number of test images (default: 500)")
-    p.add_argument("--candidates", type=int, default=10, help="DeepFool candidate classes (default: 10)")
-    p.add_argument("--overshoot", type=float, default=0.02, help="DeepFool overshoot (default: 0.02)")
+    p.add_argument(
+        "--candidates", type=int, default=10, help="DeepFool candidate classes (default: 10)"
+    )
+    p.add_argument(
+        "--overshoot", type=float, default=0.02, help="DeepFool overshoot (default: 0.02)"
+    )
     p.add_argument("--max-iter", type=int, default=50, help="DeepFool iterations (default: 50)")
 
     p = sub.add_parser(
         "prepare",
         help="download and prepare a TFDS dataset (needs network and tensorflow)",
-        description="Prepare a TFDS dataset as ArrayRecord files, readable afterwards without TensorFlow.",
+        description="Prepare a TFDS dataset as ArrayRecord files, readable afterwards "
+        "without TensorFlow.",
     )
     p.add_argument("name", help="TFDS dataset name, e.g. mnist or cifar10")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")

@@ -196,6 +196,7 @@ def _tfds(
             f"Unknown dataset {name!r}: use 'digits', 'synthetic' or a TFDS name "
             "such as 'mnist', 'fashion_mnist', 'cifar10'."
         ) from None
+
     def not_prepared() -> ValueError:
         where = data_dir or "~/tensorflow_datasets"
         return ValueError(

@@ -54,7 +54,9 @@ def plot_margin_per_class(
     per_class: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int
 ) -> plt.Figure:
     """Box plots of the margins per predicted class, one colour per model."""
-    fig, ax = plt.subplots(figsize=(min(12.0, 2.0 + 0.35 * num_classes * max(len(per_class), 1)), 3.6))
+    fig, ax = plt.subplots(
+        figsize=(min(12.0, 2.0 + 0.35 * num_classes * max(len(per_class), 1)), 3.6)
+    )
     width = 0.8 / max(len(per_class), 1)
     handles = []
     for j, ((name, (m, lab)), color) in enumerate(
@@ -143,7 +145,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right} th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}
 img{max-width:100%;margin:.4em 0;border:1px solid #eee}
-.meta{color:#666;font-size:.9em} .note{background:#fff8e1;padding:.4em .8em;border-left:3px solid #f0b400}
+.meta{color:#666;font-size:.9em}
+.note{background:#fff8e1;padding:.4em .8em;border-left:3px solid #f0b400}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 """
 
@@ -188,7 +191,9 @@ def _summary_table(summary: dict[str, Any]) -> str:
     if scalars:
         parts.append(
             "<table>"
-            + "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in scalars.items())
+            + "".join(
+                f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in scalars.items()
+            )
             + "</table>"
         )
     return "\n".join(parts)
@@ -215,7 +220,7 @@ def write_report(out: str | Path) -> Path:
     parts.append("<h2>Models</h2>")
     if model_summaries:
         rows = []
-        for key, s in model_summaries.items():
+        for s in model_summaries.values():
             spec = s["spec"]
             rows.append(
                 {
@@ -257,9 +262,7 @@ def write_report(out: str | Path) -> Path:
             + html.escape(json.dumps(result["summary"], indent=1))
             + "</pre></details>"
         )
-    parts.append(
-        "<h2>Config</h2><pre>" + html.escape(json.dumps(config, indent=1)) + "</pre>"
-    )
+    parts.append("<h2>Config</h2><pre>" + html.escape(json.dumps(config, indent=1)) + "</pre>")
     page = (
         "<!doctype html><html><head><meta charset=utf-8>"
         f"<title>bgeom: {html.escape(config['name'])}</title><style>{_CSS}</style></head><body>"

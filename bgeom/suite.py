@@ -141,7 +141,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, spec in datasets.items():
         bad = set(spec) - _DATASET_KEYS
         if bad:
-            raise ValueError(f"datasets.{key}: unknown key(s) {sorted(bad)}; valid: {sorted(_DATASET_KEYS)}.")
+            raise ValueError(
+                f"datasets.{key}: unknown key(s) {sorted(bad)}; valid: {sorted(_DATASET_KEYS)}."
+            )
         if "name" not in spec:
             raise ValueError(f"datasets.{key}: needs a name (digits, synthetic or a TFDS name).")
         out["datasets"][key] = dict(spec)
@@ -152,7 +154,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, spec in models.items():
         bad = set(spec) - _MODEL_KEYS
         if bad:
-            raise ValueError(f"models.{key}: unknown key(s) {sorted(bad)}; valid: {sorted(_MODEL_KEYS)}.")
+            raise ValueError(
+                f"models.{key}: unknown key(s) {sorted(bad)}; valid: {sorted(_MODEL_KEYS)}."
+            )
         spec = dict(spec)
         if spec.get("model") not in models_lib.MODELS:
             raise ValueError(
@@ -191,7 +195,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         models_used = spec.pop("models", list(out["models"]))
         for m in models_used:
             if m not in out["models"]:
-                raise ValueError(f"probes[{i}] ({name}): model {m!r} is not defined under [models].")
+                raise ValueError(
+                    f"probes[{i}] ({name}): model {m!r} is not defined under [models]."
+                )
         bad = set(spec) - set(probe.defaults)
         if bad:
             raise ValueError(

@@ -182,7 +182,9 @@ def evaluate(
     correct = 0
     for start in range(0, len(x), batch_size):
         logits = predict(params, jnp.asarray(x[start : start + batch_size]))
-        correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(y[start : start + batch_size])))
+        correct += int(
+            jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(y[start : start + batch_size]))
+        )
     return correct / max(len(x), 1)
 
 
@@ -229,7 +231,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_record(model_desc: str, config: TrainConfig, seeds: tuple[int, ...], data: Dataset) -> dict:
+def _run_record(
+    model_desc: str, config: TrainConfig, seeds: tuple[int, ...], data: Dataset
+) -> dict:
     return {
         "model": model_desc,
         "config": dataclasses.asdict(config),
@@ -384,7 +388,9 @@ def fit(
         for start in range(0, len(data.x_test), 1000):
             xb = jnp.asarray(data.x_test[start : start + 1000])
             logits = run(params, rest, xb)
-            correct += np.asarray(jnp.sum(jnp.argmax(logits, -1) == data.y_test[start : start + 1000], -1))
+            correct += np.asarray(
+                jnp.sum(jnp.argmax(logits, -1) == data.y_test[start : start + 1000], -1)
+            )
         return correct / max(len(data.x_test), 1)
 
     keys = jnp.stack([jax.random.PRNGKey(s) for s in member_seeds])
@@ -437,9 +443,11 @@ def fit(
     if manager is not None:
         manager.close()
 
-    final = test_accuracy() if np.isnan(history["test_accuracy"][-1]).any() else history[
-        "test_accuracy"
-    ][-1]
+    final = (
+        test_accuracy()
+        if np.isnan(history["test_accuracy"][-1]).any()
+        else history["test_accuracy"][-1]
+    )
     members = []
     for i in range(num_members):
         module = nnx.merge(graphdef, models_lib.unstack(params, i), models_lib.unstack(rest, i))

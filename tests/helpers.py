@@ -28,8 +28,6 @@ def affine_margin(params, x, candidates: int, overshoot: float) -> tuple[float, 
     f = W @ np.asarray(x, np.float64).ravel() + b
     order = np.argsort(-f, kind="stable")[:candidates]
     k0 = order[0]
-    dists = {
-        int(k): abs(f[k] - f[k0]) / np.linalg.norm(W[k] - W[k0]) for k in order[1:]
-    }
+    dists = {int(k): abs(f[k] - f[k0]) / np.linalg.norm(W[k] - W[k0]) for k in order[1:]}
     k = min(dists, key=dists.get)
     return (1.0 + overshoot) * (dists[k] + 1e-4), k

@@ -87,8 +87,20 @@ def test_rerun_reuses_finished_steps(tiny_run):
 def test_margins_command(tmp_path):
     out = tmp_path / "m"
     res = bgeom(
-        "margins", "--model", "mlp", "--epochs", "1", "--max-train", "128", "--max-test", "16",
-        "--samples", "8", "--out", str(out), "--no-progress",
+        "margins",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--max-train",
+        "128",
+        "--max-test",
+        "16",
+        "--samples",
+        "8",
+        "--out",
+        str(out),
+        "--no-progress",
     )
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "results/margins.json").read_text())["summary"]["mlp"]
@@ -123,7 +135,9 @@ def test_bad_config_is_rejected(tmp_path):
     assert "unknown option(s) ['samplez']" in res.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["suite"], ["train"], ["margins"], ["prepare"], ["report"]])
+@pytest.mark.parametrize(
+    "command", [[], ["suite"], ["train"], ["margins"], ["prepare"], ["report"]]
+)
 def test_help(command):
     res = bgeom(*command, "--help")
     assert res.returncode == 0

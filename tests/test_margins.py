@@ -115,7 +115,7 @@ def test_bad_options(kwargs, match):
 
 def test_batched_apply_fn_is_rejected():
     W = jnp.ones((3, 16))
-    batched = lambda p, x: (x.reshape(-1, 16) @ p.T)  # returns (1, 3) for one example
+    batched = lambda p, x: x.reshape(-1, 16) @ p.T  # returns (1, 3) for one example
     with pytest.raises(ValueError, match="1-D vector of logits"):
         bgeom.deepfool(batched, W, jnp.zeros((4, 4, 1)))
 

@@ -42,7 +42,10 @@ def test_softplus_is_the_scaled_smooth_relu():
 def test_seeds_change_the_initialisation():
     p0 = models.functional(models.create("mlp", (4, 4, 1), 3, seed=0))[1]
     p1 = models.functional(models.create("mlp", (4, 4, 1), 3, seed=1))[1]
-    diffs = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1))]
+    diffs = [
+        float(jnp.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), strict=True)
+    ]
     assert max(diffs) > 0
 
 

@@ -64,7 +64,9 @@ def test_interrupted_run_resumes_exactly(small, tmp_path, monkeypatch):
         train.fit("mlp", small, config=QUICK, progress=False, checkpoint_dir=tmp_path)
     monkeypatch.setattr(train, "_batch_indices", real)
     resumed = train.fit("mlp", small, config=QUICK, progress=False, checkpoint_dir=tmp_path)
-    for u, v in zip(jax.tree.leaves(reference.params), jax.tree.leaves(resumed.params), strict=True):
+    for u, v in zip(
+        jax.tree.leaves(reference.params), jax.tree.leaves(resumed.params), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
     # a finished run is loaded, not retrained
     monkeypatch.setattr(train, "_batch_indices", lambda *a: pytest.fail("retrained"))
@@ -90,7 +92,10 @@ def test_transform_hook_is_applied(small):
 def test_holdmetight_recipe_and_triangular_schedule():
     cfg = train.recipe("holdmetight")
     assert (cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.weight_decay) == (
-        "sgd", 0.21, 0.9, 5e-4
+        "sgd",
+        0.21,
+        0.9,
+        5e-4,
     )
     assert (cfg.batch_size, cfg.clip_norm, cfg.schedule) == (128, 0.5, "triangular")
     # The schedule rises linearly from 0 to 0.21 at 2/5 of training and falls back to 0.

@@ -69,9 +69,7 @@ def test_vmap_over_ensemble_params(smooth_mlp):
     ]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
     xs = _samples(4)
-    grid = jax.vmap(
-        lambda p: jax.vmap(lambda xi: bgeom.deepfool(apply_fn, p, xi))(xs)
-    )(stacked)
+    grid = jax.vmap(lambda p: jax.vmap(lambda xi: bgeom.deepfool(apply_fn, p, xi))(xs))(stacked)
     for i, p in enumerate(states):
         row = jax.vmap(lambda xi, p=p: bgeom.deepfool(apply_fn, p, xi))(xs)
         _assert_trees_close(jax.tree.map(lambda a, i=i: a[i], grid), row)
