@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint notebooks clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) benchmarks/run_all.py
+
+# Re-generate every notebooks/*.ipynb from its .py pair, executed at full size.
+notebooks: $(STAMP)
+	cd notebooks && for f in *.py; do ../$(VENV)/bin/jupytext --to ipynb --execute "$$f" || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bgeom tests benchmarks

@@ -141,7 +141,8 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em;display:block;overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em;display:block;overflow-x:auto;
+max-width:100%}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right} th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}
 img{max-width:100%;margin:.4em 0;border:1px solid #eee}
