@@ -154,6 +154,10 @@ class TrainResult:
       test_accuracy: final accuracy per member, shape (members,).
       features_fn: ``features_fn(params, x)``, penultimate-layer features.
       model: the first member as an NNX module (eval mode), for inspection.
+      inputs: the map of raw inputs the model expects at test time (e.g. the
+        frequency flip for a model trained on flipped data, see
+        ``bgeom.augment``); ``None`` for the identity. Probe it on
+        ``inputs(x)``; test accuracy was measured there.
     """
 
     apply_fn: models_lib.ApplyFn
@@ -164,6 +168,7 @@ class TrainResult:
     test_accuracy: np.ndarray
     features_fn: models_lib.ApplyFn | None = None
     model: nnx.Module | None = None
+    inputs: Callable[[jax.Array], jax.Array] | None = None
 
     def member(self, i: int) -> tuple[models_lib.ApplyFn, Any]:
         """``(apply_fn, params)`` of member ``i`` (any result, ensemble or not)."""
@@ -265,7 +270,9 @@ def fit(
       seeds: one seed, or several distinct seeds trained together with vmap.
       transform: ``transform(key, x, y, logits_fn) -> (x, y)`` applied to each
         training batch inside the jitted step (frequency flip, low-pass,
-        adversarial examples, augmentation, ...).
+        adversarial examples, augmentation, ...; see ``bgeom.augment``). If it
+        has a method ``inputs(x)``, test accuracy is measured on
+        ``inputs(x_test)`` and the result's ``inputs`` is that map.
       checkpoint_dir: where orbax checkpoints go; an existing one of the same
         run is resumed (a finished one is loaded without training).
       progress: show a progress bar.
@@ -344,6 +351,9 @@ def fit(
         checkpoint_dir = Path(checkpoint_dir).absolute()
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         record = _run_record(model_desc, config, member_seeds, data)
+        if transform is not None:
+            describe = getattr(transform, "describe", None)
+            record["transform"] = describe() if describe else repr(transform)
         record_path = checkpoint_dir / "run.json"
         if record_path.exists():
             previous = json.loads(record_path.read_text())
@@ -375,6 +385,7 @@ def fit(
         manager.wait_until_finished()
 
     eval_graphdef = None
+    input_map = getattr(transform, "inputs", None)
 
     def test_accuracy() -> np.ndarray:
         nonlocal eval_graphdef
@@ -387,6 +398,8 @@ def fit(
         correct = np.zeros(num_members)
         for start in range(0, len(data.x_test), 1000):
             xb = jnp.asarray(data.x_test[start : start + 1000])
+            if input_map is not None:
+                xb = input_map(xb)
             logits = run(params, rest, xb)
             correct += np.asarray(
                 jnp.sum(jnp.argmax(logits, -1) == data.y_test[start : start + 1000], -1)
@@ -469,6 +482,7 @@ def fit(
         test_accuracy=np.asarray(final, np.float64),
         features_fn=features_fn,
         model=members[0],
+        inputs=input_map,
     )
 
 
