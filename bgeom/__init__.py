@@ -4,19 +4,37 @@ Every analysis takes ``apply_fn(params, x)`` (logits of ONE example of shape
 (H, W, C)) and returns a NamedTuple of arrays; batch with ``jax.vmap``.
 """
 
-from bgeom import data, models, subspaces, train
-from bgeom.margins import MarginResult, deepfool, subspace_deepfool, subspace_margins
+from bgeom import curvature, data, detection, models, subspaces, train
+from bgeom.curvature import CurvatureResult, boundary_curvature
+from bgeom.margins import (
+    MarginResult,
+    deepfool,
+    subspace_deepfool,
+    subspace_margins,
+    targeted_deepfool,
+)
+from bgeom.paths import PathResult, find_path, find_paths
+from bgeom.sharding import sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CurvatureResult",
     "MarginResult",
+    "PathResult",
+    "boundary_curvature",
+    "curvature",
     "data",
     "deepfool",
+    "detection",
+    "find_path",
+    "find_paths",
     "models",
     "subspace_deepfool",
     "subspace_margins",
     "subspaces",
+    "sweep",
+    "targeted_deepfool",
     "train",
     "__version__",
 ]

@@ -46,6 +46,35 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "several processes / hosts (jax.distributed)",
+        "Run one copy of the command per process; the probes' work is split over the devices "
+        "of all processes and only process 0 writes. Under srun (Slurm) or mpirun (Open MPI) "
+        "--distributed alone suffices: JAX detects the rest.",
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="start jax.distributed, detecting unset settings from Slurm / Open MPI",
+    )
+    g.add_argument(
+        "--coordinator-address", default=None, metavar="HOST:PORT", help="address of process 0"
+    )
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    g.add_argument("--process-id", type=int, default=None, help="this process's id (0 .. N-1)")
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """Start jax.distributed when asked (any distributed flag); before any JAX computation."""
+    explicit = (args.coordinator_address, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    from bgeom import sharding
+
+    sharding.initialize(*explicit)
+
+
 def _single_model_config(args: argparse.Namespace, probes: list[dict[str, Any]]) -> dict[str, Any]:
     dataset = {"name": args.dataset}
     for key in ("size", "data_dir", "max_train", "max_test"):
@@ -91,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _distributed_args(p)
 
     p = sub.add_parser(
         "train",
@@ -113,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overshoot", type=float, default=0.02, help="DeepFool overshoot (default: 0.02)"
     )
     p.add_argument("--max-iter", type=int, default=50, help="DeepFool iterations (default: 50)")
+    _distributed_args(p)
 
     p = sub.add_parser(
         "prepare",
@@ -132,6 +163,8 @@ def _run(args: argparse.Namespace) -> int:
     from bgeom import suite
 
     progress = not getattr(args, "no_progress", False)
+    if hasattr(args, "distributed"):
+        _start_distributed(args)
     if args.command == "suite":
         suite.run(args.config, args.out, progress=progress)
     elif args.command == "train":

@@ -348,3 +348,148 @@ def _subspace_grid(apply_fn, params, xs, overshoot, subspaces, *, candidates, ma
 
 
 # ------------------------------------------------------------ targeted DeepFool
+
+
+def _check_class_index(value: Any, name: str, num_classes: int, fn_name: str) -> jax.Array:
+    """Check a class index (a Python int or an integer scalar array, maybe traced)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{fn_name}: {name} must be an integer class index; got {value!r}.")
+    arr = jnp.asarray(value)
+    if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(
+            f"{fn_name}: {name} must be ONE integer class index; got {value!r} "
+            f"(shape {tuple(arr.shape)}, dtype {arr.dtype}). Map over several with jax.vmap."
+        )
+    if _checks.is_concrete(arr) and not 0 <= int(arr) < num_classes:
+        raise ValueError(
+            f"{fn_name}: {name} must be a class index in [0, {num_classes}); got {int(arr)}."
+        )
+    return arr.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "max_iter", "bounds"))
+def _targeted_core(
+    apply_fn: Callable,
+    params: Any,
+    x: jax.Array,
+    target: jax.Array,
+    overshoot: jax.Array,
+    *,
+    max_iter: int,
+    bounds: tuple[float, float] | None,
+) -> MarginResult:
+    """The targeted DeepFool iteration (see ``targeted_deepfool``)."""
+    f = lambda z: apply_fn(params, z)
+    num_classes = jax.eval_shape(f, x).shape[0]
+    is_target = jax.nn.one_hot(target, num_classes, dtype=x.dtype)
+    scale = 1.0 + overshoot
+
+    def point(r):
+        z = x + scale * r
+        return z if bounds is None else jnp.clip(z, bounds[0], bounds[1])
+
+    def body(state):
+        i, r, _, _ = state
+        # One forward pass per step both tests the label of the current point
+        # and linearises there (a step is taken only if the target is not reached).
+        logits, vjp = jax.vjp(f, point(r))
+        reached = jnp.argmax(logits) == target
+        # The one boundary that matters is between the target and its strongest
+        # rival at the current point (the current label while the target is not
+        # reached): linearise F = f_target - f_rival and step onto F = 0.
+        rival = jnp.argmax(jnp.where(is_target > 0, -jnp.inf, logits))
+        cotangent = is_target - jax.nn.one_hot(rival, num_classes, dtype=logits.dtype)
+        (w,) = vjp(cotangent)
+        g = cotangent @ logits
+        w_norm = jnp.linalg.norm(w.ravel())
+        ok = (w_norm > 0) & jnp.isfinite(w_norm) & jnp.isfinite(g) & jnp.all(jnp.isfinite(logits))
+        safe = jnp.where(ok, w_norm, 1.0)
+        step = (jnp.abs(g) / safe + _STEP_EPS) * w / safe
+        move = ok & ~reached
+        return i + move.astype(jnp.int32), jnp.where(move, r + step, r), reached, ok | reached
+
+    def cond(state):
+        i, _, reached, ok = state
+        return (i < max_iter) & ~reached & ok
+
+    init = (jnp.asarray(0, jnp.int32), jnp.zeros_like(x), jnp.asarray(False), jnp.asarray(True))
+    iterations, r, _, ok = jax.lax.while_loop(cond, body, init)
+    # Clean and final logits in one batched call (the final point is tested once more
+    # so that a run stopped by max_iter reports its true label).
+    logits0, logits_end = jax.vmap(f)(jnp.stack([x, point(r)]))
+    k0, adv_label = jnp.argmax(logits0), jnp.argmax(logits_end)
+    perturbation = point(r) - x
+    norm = jnp.linalg.norm(perturbation.ravel())
+    finite = jnp.all(jnp.isfinite(logits0)) & jnp.all(jnp.isfinite(logits_end))
+    converged = (adv_label == target) & ok & jnp.isfinite(norm) & finite
+    return MarginResult(
+        perturbation=perturbation,
+        margin=jnp.where(converged, norm, jnp.inf),
+        label=k0.astype(jnp.int32),
+        adv_label=adv_label.astype(jnp.int32),
+        iterations=iterations,
+        converged=converged,
+    )
+
+
+def targeted_deepfool(
+    apply_fn: Callable,
+    params: Any,
+    x: jax.Array,
+    target: int | jax.Array,
+    *,
+    overshoot: float = 0.02,
+    max_iter: int = 50,
+    bounds: tuple[float, float] | None = None,
+) -> MarginResult:
+    """Small L2 perturbation that moves ONE example into a chosen class (targeted DeepFool).
+
+    DeepFool with the target as the only candidate. From ``r = 0``, at
+    ``z = x + (1 + overshoot) r``, let ``c`` be the strongest class other than
+    the target at ``z``; with ``w = grad f_t(z) - grad f_c(z)`` and
+    ``g = f_t(z) - f_c(z)`` (negative until the target wins) the step is
+    ``r += (|g| / ||w|| + 1e-4) w / ||w||``. It stops as soon as
+    ``k(x + (1 + overshoot) r) == target`` or after ``max_iter`` steps and
+    returns ``(1 + overshoot) r``. Following the current rival (not only the
+    clean label) keeps the iteration going when it passes through a third class.
+    On a two-class affine classifier this is exactly ``deepfool``.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits`` for one unbatched example.
+      params: the model parameters (any pytree); traced.
+      x: one example of shape (H, W, C).
+      target: the class to reach, an integer (traced: ``jax.vmap`` over targets works).
+      overshoot: the returned perturbation is ``(1 + overshoot) r``.
+      max_iter: maximum number of linearisation steps (0 returns no move).
+      bounds: optional ``(low, high)`` box the perturbed point is clipped to at
+        every step; ``None`` (default) never clips.
+
+    Returns:
+      ``MarginResult`` with ``adv_label`` the prediction at ``x + perturbation``;
+      ``converged`` is True iff that prediction is ``target`` (and all is
+      finite), ``margin`` is ``inf`` otherwise. If ``x`` is already classified
+      as ``target`` the result is a zero perturbation, ``iterations == 0``,
+      ``margin == 0`` and ``converged`` True (so, unlike ``deepfool``,
+      ``converged`` does not imply ``adv_label != label``).
+
+    References:
+      Moosavi-Dezfooli, Fawzi, Frossard. "DeepFool: a simple and accurate method
+      to fool deep neural networks", CVPR 2016. https://arxiv.org/abs/1511.04599
+      Fawzi, Moosavi-Dezfooli, Frossard, Soatto. "Classification regions of
+      deep neural networks", 2017 (CVPR 2018); targeted pushes build the paths
+      of ``bgeom.find_path``. https://arxiv.org/abs/1705.09552
+    """
+    x, _, bounds = _check_margin_args(
+        "targeted_deepfool", apply_fn, params, x, 2, overshoot, max_iter, bounds
+    )
+    num_classes = _checks.check_logits(apply_fn, params, x, "targeted_deepfool")
+    target = _check_class_index(target, "target", num_classes, "targeted_deepfool")
+    return _targeted_core(
+        apply_fn,
+        params,
+        x,
+        target,
+        jnp.asarray(overshoot, x.dtype),
+        max_iter=max_iter,
+        bounds=bounds,
+    )

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from bgeom import augment as augment_lib
 from bgeom import data as data_lib
 from bgeom import models as models_lib
 from bgeom import train as train_lib
@@ -45,7 +45,12 @@ from bgeom import train as train_lib
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "digits",
     "seed": 0,
-    "datasets": {"digits": {"name": "digits"}},
+    "datasets": {
+        "digits": {"name": "digits"},
+        # "Hold me tight!" grid: 28x28 images, 8x8 DCT blocks, stride 1 (21 blocks).
+        "digits28": {"name": "digits", "size": 28},
+        "synthetic": {"name": "synthetic", "options": {"shape": [28, 28, 1], "eps": 0.5}},
+    },
     "models": {
         "cnn-relu": {"dataset": "digits", "model": "cnn", "activation": "relu"},
         "cnn-softplus": {
@@ -55,11 +60,35 @@ DEFAULT_CONFIG: dict[str, Any] = {
             "beta": 5.0,
         },
         "mlp-relu": {"dataset": "digits", "model": "mlp", "activation": "relu"},
+        # The invariance experiments: one MLP per training variant on 28x28 digits.
+        "mlp28": {"dataset": "digits28", "model": "mlp"},
+        "mlp28-flip": {"dataset": "digits28", "model": "mlp", "augment": "flip"},
+        "mlp28-lowpass": {
+            "dataset": "digits28",
+            "model": "mlp",
+            "augment": {"name": "low_pass", "bandwidth": 10},
+        },
+        "mlp28-pgd": {
+            "dataset": "digits28",
+            "model": "mlp",
+            "augment": {"name": "pgd", "eps": 2.0, "steps": 7},
+        },
+        "mlp-synthetic": {"dataset": "synthetic", "model": "mlp"},
     },
-    "probes": [{"probe": "margins"}],
+    "probes": [
+        {"probe": "margins", "models": ["cnn-relu", "cnn-softplus", "mlp-relu"]},
+        {
+            "probe": "invariance",
+            "models": ["mlp28", "mlp28-flip", "mlp28-lowpass", "mlp28-pgd", "mlp-synthetic"],
+        },
+        # Boundary curvature on one smooth and one ReLU (finite-difference) model.
+        {"probe": "curvature", "models": ["cnn-softplus", "mlp-relu"]},
+        # Paths inside class regions between pairs of same-class points.
+        {"probe": "connectivity", "models": ["cnn-relu", "cnn-softplus", "mlp-relu"]},
+    ],
 }
 
-_MODEL_KEYS = {"dataset", "model", "activation", "beta", "seeds", "train", "options"}
+_MODEL_KEYS = {"dataset", "model", "activation", "beta", "seeds", "train", "options", "augment"}
 _DATASET_KEYS = {"name", "size", "data_dir", "max_train", "max_test", "options"}
 
 
@@ -170,6 +199,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         spec.setdefault("beta", 1.0)
         spec.setdefault("seeds", 0)
         spec.setdefault("options", {})
+        spec.setdefault("augment", None)
+        augment_lib.get(spec["augment"])  # validates the training transform
         models_lib.get_activation(spec["activation"], spec["beta"])
         train_spec = dict(spec.get("train") or {})
         recipe_name = train_spec.pop("recipe", "default")
@@ -216,6 +247,8 @@ class SuiteContext:
         self.config = config
         self.out = out
         self.progress = progress
+        # The mesh ctx.map sweeps over; None: every device of every process.
+        self.mesh = None
         self._datasets: dict[str, data_lib.Dataset] = {}
         self._models: dict[str, train_lib.TrainResult] = {}
 
@@ -249,6 +282,7 @@ class SuiteContext:
                 checkpoint_dir=folder,
                 progress=self.progress,
                 name=key,
+                transform=augment_lib.get(spec.get("augment")),
                 activation=spec["activation"],
                 beta=spec["beta"],
                 **spec["options"],
@@ -259,9 +293,24 @@ class SuiteContext:
                 "test_accuracy": np.atleast_1d(result.test_accuracy).tolist(),
                 "history": {k: v.tolist() for k, v in result.history.items()},
             }
-            (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+            if _is_writer():  # in a multi-process run only process 0 writes
+                (folder / "summary.json").write_text(json.dumps(summary, indent=2))
             self._models[key] = result
         return self._models[key]
+
+    def test_inputs(self, key: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` test images of model ``key``'s dataset, as the model sees them.
+
+        Models trained with a transform that maps inputs (``augment = "flip"``,
+        ``low_pass``) are probed on the mapped images, as in "Hold me tight!".
+        """
+        data = self.model_dataset(key)
+        n = len(data.x_test) if n is None else min(int(n), len(data.x_test))
+        x, y = data.x_test[:n], data.y_test[:n]
+        inputs = self.model(key).inputs
+        if inputs is not None:
+            x = np.asarray(inputs(x))
+        return x, y
 
     def members(self, key: str) -> list[tuple[Callable, Any]]:
         """``(apply_fn, params)`` of every member of model ``key`` (one unless an ensemble)."""
@@ -276,37 +325,26 @@ class SuiteContext:
         batch_size: int = 128,
         desc: str = "",
     ) -> Any:
-        """``jax.jit(jax.vmap(fn, in_axes))(*args)`` in fixed-size chunks, with progress.
+        """``jax.jit(jax.vmap(fn, in_axes))(*args)`` through ``bgeom.sweep``, with progress.
 
-        Arguments with ``in_axes`` 0 are mapped over their leading axis and
-        chunked; those with ``None`` (parameters) are passed whole as traced
-        arguments. The last chunk is padded (and the padding dropped) so one
-        compiled function serves every chunk.
+        Arguments with ``in_axes`` 0 are mapped over their leading axis, split
+        over every device (and every process of a multi-process run) and
+        chunked ``batch_size`` examples at a time; those with ``None``
+        (parameters) are passed whole and replicated. One compiled function
+        serves every chunk; the padding of the last chunk is dropped. Returns
+        NumPy arrays, the whole result on every process.
         """
-        from tqdm.auto import tqdm
+        from bgeom.sharding import sweep
 
-        axes = (in_axes,) * len(args) if isinstance(in_axes, int | None) else tuple(in_axes)
-        mapped_args = [a for a, ax in zip(args, axes, strict=True) if ax is not None]
-        n = len(mapped_args[0])
-        batch_size = max(1, min(batch_size, n))
-        mapped = jax.jit(jax.vmap(fn, in_axes=axes))
-        outputs = []
-        with tqdm(total=n, desc=desc, disable=not self.progress, leave=False, unit="ex") as bar:
-            for start in range(0, n, batch_size):
-                size = min(batch_size, n - start)
-                call = []
-                for a, ax in zip(args, axes, strict=True):
-                    if ax is None:
-                        call.append(a)
-                        continue
-                    c = np.asarray(a[start : start + batch_size])
-                    if size < batch_size:
-                        c = np.concatenate([c, np.repeat(c[:1], batch_size - size, 0)])
-                    call.append(jnp.asarray(c))
-                result = mapped(*call)
-                outputs.append(jax.tree.map(lambda a, size=size: np.asarray(a[:size]), result))
-                bar.update(size)
-        return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+        return sweep(
+            fn,
+            *args,
+            in_axes=in_axes,
+            mesh=self.mesh,
+            batch_size=batch_size,
+            progress=self.progress,
+            desc=desc,
+        )
 
 
 def _probe_fingerprint(config: dict[str, Any], spec: dict[str, Any]) -> str:
@@ -340,6 +378,14 @@ def run(
 ) -> Path:
     """Run a suite and write its run folder; return the path of ``report.html``.
 
+    In a multi-process run (``jax.distributed`` started, e.g. by ``bgeom suite
+    --distributed``) every process calls this with the same arguments: process
+    0 trains the models (in a single-process child, one writer for the
+    checkpoints), every process then loads them, every probe's per-example work
+    is split over the devices of all processes by ``ctx.map`` and gathered,
+    and only process 0 writes files or logs. The run folder must then be on a
+    filesystem every process sees.
+
     Args:
       config: a config dict, a TOML/JSON file, or ``None`` for the embedded default.
       out: the run folder (default ``runs/<config name>``).
@@ -352,18 +398,34 @@ def run(
     import matplotlib.pyplot as plt
 
     from bgeom import report
+    from bgeom.sharding import on_process_zero, process_info
 
     if isinstance(config, dict):
         config = validate_config(config)
     else:
         config = load_config(config)
     out = Path(out) if out is not None else Path("runs") / config["name"]
-    for sub in ("models", "results", "plots"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    _save_json(out / "config.json", config)
+    processes = process_info()
+    writer = processes.index == 0
+    if not writer:
+        progress = False
+        log = lambda message: None
+
+    def prepare_folder() -> None:
+        for sub in ("models", "results", "plots"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        _save_json(out / "config.json", config)
+
+    on_process_zero(prepare_folder, "prepare")
     ctx = SuiteContext(config, out, progress)
 
     started = time.time()
+    if processes.count > 1:
+        # Orbax cannot save process-local arrays from several processes, and
+        # one writer is wanted anyway: process 0 trains every model (or finds
+        # it finished) in a single-process child; the others wait, then every
+        # process loads the finished checkpoints below.
+        on_process_zero(lambda: _train_in_child(out, progress), "train")
     for key in config["models"]:
         t0 = time.time()
         result = ctx.model(key)
@@ -374,40 +436,89 @@ def run(
         probe = PROBES[spec["probe"]]
         fingerprint = _probe_fingerprint(config, spec)
         result_path = out / "results" / f"{spec['id']}.json"
-        if result_path.exists():
-            previous = json.loads(result_path.read_text())
-            if previous.get("fingerprint") == fingerprint:
-                log(f"probe {spec['id']}: reused finished results")
-                continue
+
+        def finished(result_path: Path = result_path, fingerprint: str = fingerprint) -> bool:
+            if not result_path.exists():
+                return False
+            return json.loads(result_path.read_text()).get("fingerprint") == fingerprint
+
+        # Process 0 decides, so that every process skips or runs the same probes.
+        if on_process_zero(finished, f"reuse {spec['id']}"):
+            log(f"probe {spec['id']}: reused finished results")
+            continue
         t0 = time.time()
         output = probe.fn(ctx, spec)
-        figures = {}
-        for fig_name, fig in output.figures.items():
-            path = out / "plots" / f"{spec['id']}-{fig_name}.png"
-            fig.savefig(path, dpi=110, bbox_inches="tight")
-            plt.close(fig)
-            figures[fig_name] = path.name
-        if output.arrays:
-            np.savez_compressed(out / "results" / f"{spec['id']}.npz", **output.arrays)
-        _save_json(
-            result_path,
-            {
-                "probe": spec["probe"],
-                "id": spec["id"],
-                "description": probe.description,
-                "spec": spec,
-                "fingerprint": fingerprint,
-                "seconds": round(time.time() - t0, 2),
-                "summary": output.summary,
-                "figures": figures,
-                "notes": output.notes,
-            },
-        )
+
+        def write(spec=spec, probe=probe, output=output, t0=t0, fingerprint=fingerprint):
+            figures = {}
+            for fig_name, fig in output.figures.items():
+                path = out / "plots" / f"{spec['id']}-{fig_name}.png"
+                fig.savefig(path, dpi=110, bbox_inches="tight")
+                figures[fig_name] = path.name
+            if output.arrays:
+                np.savez_compressed(out / "results" / f"{spec['id']}.npz", **output.arrays)
+            _save_json(
+                out / "results" / f"{spec['id']}.json",
+                {
+                    "probe": spec["probe"],
+                    "id": spec["id"],
+                    "description": probe.description,
+                    "spec": spec,
+                    "fingerprint": fingerprint,
+                    "seconds": round(time.time() - t0, 2),
+                    "summary": output.summary,
+                    "figures": figures,
+                    "notes": output.notes,
+                },
+            )
+
+        try:
+            on_process_zero(write, f"write {spec['id']}")
+        finally:
+            for fig in output.figures.values():
+                plt.close(fig)
         log(f"probe {spec['id']}: done ({time.time() - t0:.1f}s)")
 
-    report_path = report.write_report(out)
+    report_path = Path(on_process_zero(lambda: str(report.write_report(out)), "report"))
     log(f"suite {config['name']} finished in {time.time() - started:.1f}s; report: {report_path}")
     return report_path
+
+
+def _is_writer() -> bool:
+    from bgeom.sharding import process_info
+
+    return process_info().index == 0
+
+
+def _train_in_child(out: Path, progress: bool) -> None:
+    """Train (or load) every model of the run folder ``out`` in a single-process child.
+
+    The child reads ``out/config.json`` and starts no ``jax.distributed``, so
+    orbax writes the checkpoints as in a one-process run. This process starts
+    no JAX backend meanwhile (a GPU stays free for the child).
+    """
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    code = "import sys; from bgeom import suite; suite._train_models(*sys.argv[1:])"
+    status = subprocess.run(
+        [sys.executable, "-c", code, str(out), "1" if progress else "0"], env=env
+    ).returncode
+    if status != 0:
+        raise RuntimeError(f"training the models of {out} failed in a child process ({status}).")
+
+
+def _train_models(out: str | Path, progress: str = "1") -> None:
+    """Train (or load) every model of the run folder ``out`` (see ``_train_in_child``)."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text())
+    ctx = SuiteContext(config, out, progress == "1")
+    for key in config["models"]:
+        ctx.model(key)
 
 
 # The probes live in bgeom/probes/, one module each; importing the package

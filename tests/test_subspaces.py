@@ -124,9 +124,7 @@ def _subspace_affine_margin(params, x, P, candidates, overshoot):
     f = W @ np.asarray(x, np.float64).ravel() + b
     order = np.argsort(-f, kind="stable")[:candidates]
     k0 = order[0]
-    dists = {
-        int(k): abs(f[k] - f[k0]) / np.linalg.norm(P @ (W[k] - W[k0])) for k in order[1:]
-    }
+    dists = {int(k): abs(f[k] - f[k0]) / np.linalg.norm(P @ (W[k] - W[k0])) for k in order[1:]}
     return (1.0 + overshoot) * (min(dists.values()) + 1e-4)
 
 
@@ -146,7 +144,7 @@ def test_affine_subspace_margin_is_closed_form_and_stays_in_the_subspace(which):
 
 
 def test_whole_space_equals_deepfool():
-    model = models.create("cnn", (8, 8, 1), 5, width=4, hidden=16, activation="softplus")
+    model = models.create("mlp", (8, 8, 1), 5, hidden=(16,), activation="softplus")
     f, p = models.functional(model)
     x = jax.random.uniform(jax.random.PRNGKey(11), (8, 8, 1))
     a = bgeom.subspace_deepfool(f, p, x, S.whole(x.shape), max_iter=50)

@@ -8,4 +8,9 @@ work through ``ctx.map`` so it is batched (and sharded) the same way everywhere.
 To add a probe, add a module here and import it below.
 """
 
-from bgeom.probes import margins  # noqa: F401
+from bgeom.probes import (
+    connectivity,  # noqa: F401
+    curvature,  # noqa: F401
+    invariance,  # noqa: F401
+    margins,  # noqa: F401
+)

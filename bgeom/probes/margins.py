@@ -26,8 +26,8 @@ def margins_probe(ctx: SuiteContext, spec: dict[str, Any]) -> ProbeOutput:
     examples: dict[str, dict[str, np.ndarray]] = {}
     for key in spec["models"]:
         data = ctx.model_dataset(key)
-        n = min(int(spec["samples"]), len(data.x_test))
-        x, y = data.x_test[:n], data.y_test[:n]
+        x, y = ctx.test_inputs(key, spec["samples"])
+        n = len(x)
         member_results = []
         for i, (apply_fn, params) in enumerate(ctx.members(key)):
 

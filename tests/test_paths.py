@@ -1,0 +1,380 @@
+"""Paths inside class regions (SPEC section 3) and the targeted DeepFool they push with.
+
+Hand-solvable cases: a 2-D classifier whose class-0 region is an annulus
+(non-convex: a path around the hole needs anchors, a short chord does not),
+convex regions (affine classifiers, a ball: never an anchor), and affine
+classifiers for targeted DeepFool. Then the digits CNN, whose paths are
+re-checked here on a grid independent of the library's.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import affine_classifier, affine_margin, tol
+
+import bgeom
+from bgeom import paths
+
+R1, R2 = 1.0, 2.0
+# One classifier for every 2-D case, its shape in traced params (so that all
+# cases share compiled code): class 0 on r1^2 < |x|^2 < r2^2, class 1 elsewhere.
+ANNULUS = (jnp.float32(R1**2), jnp.float32(R2**2))
+BALL = (jnp.float32(-1.0), jnp.float32(R2**2))  # no hole: a (convex) ball of radius R2
+
+
+def annulus(params, x):
+    lo, hi = params
+    r2 = jnp.sum(jnp.square(x))
+    return jnp.stack([-(r2 - lo) * (r2 - hi), jnp.zeros_like(r2)])
+
+
+def point(a, b):
+    return jnp.array([a, b], jnp.float32).reshape(2, 1, 1)
+
+
+def points(xy):
+    return jnp.asarray(np.asarray(xy, np.float32).reshape(-1, 2, 1, 1))
+
+
+def polyline(res):
+    """The distinct points of a path as (num_points, 2) float64."""
+    return np.asarray(res.points, np.float64).reshape(len(res.points), -1)[: int(res.num_points)]
+
+
+def segment_min_radius(a, b):
+    """Exact distance from the origin to the segment [a, b]."""
+    d = b - a
+    t = np.clip(-np.dot(a, d) / np.dot(d, d), 0.0, 1.0)
+    return float(np.linalg.norm(a + t * d))
+
+
+# ------------------------------------------------------------------ the annulus
+
+
+def test_opposite_sides_of_the_hole_get_a_valid_path_with_anchors():
+    x1, x2 = point(-1.5, 0.3), point(1.5, 0.1)
+    res = bgeom.find_path(annulus, ANNULUS, x1, x2)
+    assert bool(res.connected) and int(res.status) == paths.FOUND
+    assert int(res.num_anchors) >= 1
+    assert not bool(res.straight_ok)  # the chord crosses the hole
+    pts = polyline(res)
+    np.testing.assert_array_equal(pts[0], np.ravel(x1))
+    np.testing.assert_array_equal(pts[-1], np.ravel(x2))
+    # Exact geometry, independent of any sampling: every segment stays in the
+    # annulus (its nearest point to the origin is outside the hole, and its
+    # farthest point, an endpoint, inside the outer circle).
+    for a, b in zip(pts[:-1], pts[1:], strict=True):
+        assert segment_min_radius(a, b) > R1
+        assert max(np.linalg.norm(a), np.linalg.norm(b)) < R2
+    length = np.sum(np.linalg.norm(np.diff(pts, axis=0), axis=1))
+    np.testing.assert_allclose(float(res.length), length, **tol(jnp.float32, 16))
+    assert float(res.length_ratio) > 1.0
+    # Padding repeats x2, so the polyline through all points is the same path.
+    padding = np.asarray(res.points[int(res.num_points) :]).reshape(-1, 2)
+    np.testing.assert_array_equal(padding, np.broadcast_to(pts[-1], padding.shape))
+    assert bool(jnp.all(res.segment_ok))
+
+
+def test_a_short_chord_is_the_straight_segment():
+    x1, x2 = point(1.5, 0.0), point(1.4, 0.3)
+    res = bgeom.find_path(annulus, ANNULUS, x1, x2)
+    assert bool(res.connected) and bool(res.straight_ok)
+    assert int(res.num_anchors) == 0 and int(res.num_points) == 2
+    assert int(res.segments_tested) == 1 and int(res.segments_crossing) == 0
+    np.testing.assert_allclose(float(res.length_ratio), 1.0, **tol(jnp.float32))
+    np.testing.assert_allclose(
+        float(res.distance), float(jnp.linalg.norm(x2 - x1)), **tol(jnp.float32)
+    )
+
+
+def test_failures_are_statuses_not_exceptions():
+    # The midpoint of these two is the centre, where the gradient vanishes: no push.
+    res = bgeom.find_path(annulus, ANNULUS, point(-1.5, 0.0), point(1.5, 0.0))
+    assert not bool(res.connected) and int(res.status) == paths.PUSH_FAILED
+    res = bgeom.find_path(annulus, ANNULUS, point(-1.5, 0.3), point(1.5, 0.1), max_depth=0)
+    assert not bool(res.connected) and int(res.status) == paths.MAX_DEPTH
+    assert int(res.num_anchors) == 0 and int(res.segments_crossing) == 1
+    # Points of different classes under jit, where find_path cannot check them
+    # eagerly (this is its compiled core): a status, not garbage.
+    res = paths._find_paths_core(
+        annulus,
+        ANNULUS,
+        point(1.5, 0.0)[None],
+        point(0.0, 0.0)[None],
+        jnp.float32(0.02),
+        jnp.int32(10),
+        max_anchors=31,
+        samples=100,
+        verify_samples=128,
+        max_iter=50,
+        bounds=None,
+        batch=1,
+    )
+    assert not bool(res.connected[0]) and int(res.status[0]) == paths.LABEL_MISMATCH
+
+
+# Pairs on the annulus needing 0 to about 10 anchors (with overshoot 0.3), and
+# pairs in the ball (a convex region).
+_ANGLES = np.linspace(0.0, np.pi * 0.95, 7)
+RING = (
+    points(
+        np.stack(
+            [1.5 * np.cos(np.pi + 0.05 + 0 * _ANGLES), 1.5 * np.sin(np.pi + 0.05 + 0 * _ANGLES)], 1
+        )
+    ),
+    points(np.stack([1.2 * np.cos(_ANGLES + 0.1), 1.2 * np.sin(_ANGLES + 0.1)], 1)),
+)
+_BALL_PTS = np.random.default_rng(0).uniform(-1.4, 1.4, (14, 2))  # |x| < 1.98 < R2
+BALL_PAIRS = (points(_BALL_PTS[:7]), points(_BALL_PTS[7:]))
+# Static options shared by the pooled tests (one compilation).
+POOL = dict(max_anchors=7, max_depth=8, overshoot=0.3)
+
+
+def test_find_paths_equals_one_by_one_find_path():
+    x1, x2 = RING
+    pooled = paths.find_paths(annulus, ANNULUS, x1, x2, batch=4, **POOL)
+    # One by one (vmap(find_path) == this loop is checked in test_transforms.py).
+    single = [bgeom.find_path(annulus, ANNULUS, a, b, **POOL) for a, b in zip(x1, x2, strict=True)]
+    single = jax.tree.map(lambda *a: jnp.stack(a), *single)
+    counts, status = np.asarray(single.num_anchors), np.asarray(single.status)
+    print("anchors per pair:", counts, "status:", status)
+    # The pairs differ in difficulty, so the pool mixes pairs and levels, and
+    # one pair needs more than the 7 anchors allowed.
+    assert counts.min() == 0 and counts.max() >= 3
+    assert paths.MAX_ANCHORS in status and np.sum(status == paths.FOUND) >= 4
+    for field in single._fields:
+        u, v = np.asarray(getattr(pooled, field)), np.asarray(getattr(single, field))
+        if np.issubdtype(u.dtype, np.floating):
+            np.testing.assert_allclose(u, v, **tol(u.dtype, 16))
+        else:
+            np.testing.assert_array_equal(u, v, err_msg=field)
+    # Connected paths are valid by exact geometry too.
+    for i in np.flatnonzero(np.asarray(pooled.connected)):
+        pts = polyline(jax.tree.map(lambda a, i=i: a[i], pooled))
+        assert all(segment_min_radius(a, b) > R1 for a, b in zip(pts[:-1], pts[1:], strict=True))
+
+
+def test_a_convex_region_needs_no_anchor():
+    res = paths.find_paths(annulus, BALL, *BALL_PAIRS, batch=4, **POOL)
+    assert bool(jnp.all(res.connected)) and bool(jnp.all(res.straight_ok))
+    assert int(jnp.max(res.num_anchors)) == 0
+    np.testing.assert_allclose(np.asarray(res.length_ratio), 1.0, **tol(jnp.float32))
+
+
+# ---------------------------------------------------------- targeted DeepFool
+
+
+# One affine model for every targeted case (params traced: shared compilations).
+AFFINE, _ = affine_classifier(0, 5)
+
+
+@pytest.mark.parametrize("overshoot", [0.02, 0.1])
+def test_targeted_deepfool_towards_the_nearest_class_is_deepfool(overshoot):
+    _, params = affine_classifier(5, 5)
+    x = jax.random.uniform(jax.random.PRNGKey(5), (4, 4, 1))
+    expected, nearest = affine_margin(params, x, 5, overshoot)
+    res = bgeom.targeted_deepfool(AFFINE, params, x, nearest, overshoot=overshoot)
+    df = bgeom.deepfool(AFFINE, params, x, overshoot=overshoot)
+    assert bool(res.converged) and int(res.adv_label) == nearest and int(res.iterations) == 1
+    np.testing.assert_allclose(float(res.margin), expected, **tol(jnp.float32, 4))
+    np.testing.assert_allclose(
+        np.asarray(res.perturbation), np.asarray(df.perturbation), **tol(jnp.float32, 4)
+    )
+
+
+def test_targeted_deepfool_reaches_every_class_of_an_affine_classifier():
+    _, params = affine_classifier(7, 5)
+    x = jax.random.uniform(jax.random.PRNGKey(7), (4, 4, 1))
+    label = int(jnp.argmax(AFFINE(params, x)))
+    targets = jnp.arange(5)
+    res = jax.vmap(lambda t: bgeom.targeted_deepfool(AFFINE, params, x, t))(targets)
+    assert bool(jnp.all(res.converged))
+    np.testing.assert_array_equal(np.asarray(res.adv_label), np.arange(5))
+    reached = jax.vmap(lambda r: jnp.argmax(AFFINE(params, x + r)))(res.perturbation)
+    np.testing.assert_array_equal(np.asarray(reached), np.arange(5))
+    # Reaching a class is never cheaper than the nearest boundary (DeepFool's margin).
+    df = bgeom.deepfool(AFFINE, params, x)
+    others = np.delete(np.asarray(res.margin), label)
+    assert np.all(others >= float(df.margin) * (1 - 1e-5))
+    # Already there: nothing to do.
+    assert float(res.margin[label]) == 0.0 and int(res.iterations[label]) == 0
+
+
+def test_targeted_deepfool_without_iterations_is_not_a_margin():
+    _, params = affine_classifier(0, 5)
+    x = jnp.full((4, 4, 1), 0.5)
+    target = (int(jnp.argmax(AFFINE(params, x))) + 1) % 5
+    res = bgeom.targeted_deepfool(AFFINE, params, x, target, max_iter=0)
+    assert not bool(res.converged) and np.isinf(float(res.margin))
+
+
+@pytest.mark.parametrize(
+    "target,match",
+    [
+        (7, r"in \[0, 5\)"),
+        (-1, r"in \[0, 5\)"),
+        (1.5, "integer"),
+        (jnp.array([0, 1]), "ONE integer"),
+    ],
+)
+def test_targeted_deepfool_bad_target(target, match):
+    _, params = affine_classifier(0, 5)
+    with pytest.raises(ValueError, match=match):
+        bgeom.targeted_deepfool(AFFINE, params, jnp.zeros((4, 4, 1)), target)
+
+
+# ------------------------------------------------------------------- pairs
+
+
+def test_pair_indices_make_the_three_kinds():
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 0, 1, 2])
+    key = jax.random.PRNGKey(3)
+    nat = paths.pair_indices(key, labels, 20, "natural")
+    assert np.all(labels[nat.first] == labels[nat.second]) and np.all(nat.first != nat.second)
+    assert np.all(nat.target == labels[nat.first])
+    mix = paths.pair_indices(key, labels, 20, "natural-adversarial")
+    assert np.all(labels[mix.first] == mix.target) and np.all(labels[mix.second] != mix.target)
+    adv = paths.pair_indices(key, labels, 20, "adversarial")
+    assert np.all(labels[adv.first] != adv.target) and np.all(labels[adv.second] != adv.target)
+    assert np.all(adv.first != adv.second)
+    again = paths.pair_indices(key, labels, 20, "adversarial")
+    np.testing.assert_array_equal(adv.first, again.first)  # the key decides
+    with pytest.raises(ValueError, match="unknown pair kind"):
+        paths.pair_indices(key, labels, 2, "random")
+    with pytest.raises(ValueError, match="two different labels"):
+        paths.pair_indices(key, np.zeros(5, int), 2, "natural-adversarial")
+
+
+# ----------------------------------------------------------------- digits CNN
+
+
+def test_digits_cnn_paths_are_connected_and_really_keep_the_class(digits_cnn, digits):
+    apply_fn, params = digits_cnn.apply_fn, digits_cnn.params
+    predict = jax.jit(jax.vmap(lambda x: jnp.argmax(apply_fn(params, x))))
+    # Key 2 happens to draw a pair whose straight segment leaves its class.
+    pairs = paths.make_pairs(jax.random.PRNGKey(2), apply_fn, params, digits.x_test, 4)
+    assert pairs.valid.mean() >= 0.9  # targeted DeepFool moves sources into the target
+    v = pairs.valid
+    np.testing.assert_array_equal(np.asarray(predict(pairs.x1[v])), pairs.label[v])
+    np.testing.assert_array_equal(np.asarray(predict(pairs.x2[v])), pairs.label[v])
+    res = paths.find_paths(apply_fn, params, pairs.x1[v], pairs.x2[v], max_anchors=15, batch=8)
+    kind = pairs.kind[v]
+    for k, name in enumerate(paths.PAIR_KINDS):
+        sel = kind == k
+        print(
+            f"digits CNN, {name}: {int(sel.sum())} pairs, connected "
+            f"{float(np.mean(res.connected[sel])):.2f}, straight segment leaves the class "
+            f"{float(np.mean(~np.asarray(res.straight_ok)[sel])):.2f}, anchors "
+            f"{np.asarray(res.num_anchors)[sel].tolist()}"
+        )
+    # Regions are (mostly) connected; two natural images of a class are joined
+    # by a path (the straight one for most of them).
+    assert float(np.mean(res.connected)) >= 0.75
+    assert bool(np.all(np.asarray(res.connected)[kind == 0]))
+    # Independent check of every connected path on a finer, shifted grid.
+    t = (np.arange(301) + 0.5) / 301
+    checked = 0
+    for i in np.flatnonzero(np.asarray(res.connected)):
+        pts = np.asarray(res.points[i])[: int(res.num_points[i])]
+        for a, b in zip(pts[:-1], pts[1:], strict=True):
+            line = (1 - t)[:, None, None, None] * a + t[:, None, None, None] * b
+            assert np.all(np.asarray(predict(line)) == int(res.label[i]))
+            checked += 1
+    assert checked > 0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_points_of_different_classes_are_rejected():
+    with pytest.raises(ValueError, match="classified as 0 but x2 as 1"):
+        bgeom.find_path(annulus, ANNULUS, point(1.5, 0.0), point(0.0, 0.0))
+    with pytest.raises(ValueError, match=r"pair 1"):
+        paths.find_paths(
+            annulus,
+            ANNULUS,
+            jnp.stack([point(1.5, 0), point(1.5, 0)]),
+            jnp.stack([point(1.4, 0), point(3, 0)]),
+        )
+
+
+def test_points_of_different_shapes_are_rejected():
+    with pytest.raises(ValueError, match="same shape"):
+        bgeom.find_path(annulus, ANNULUS, point(1.5, 0.0), jnp.zeros((1, 2, 1)))
+    with pytest.raises(ValueError, match="ONE example"):
+        bgeom.find_path(annulus, ANNULUS, jnp.zeros((3, 2, 1, 1)), jnp.zeros((3, 2, 1, 1)))
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
+        paths.find_paths(annulus, ANNULUS, point(1.5, 0.0), point(1.4, 0.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"samples": 2}, "samples"),
+        ({"verify_samples": 50}, "verify_samples"),
+        ({"max_anchors": -1}, "max_anchors"),
+        ({"max_depth": 1.5}, "max_depth"),
+        ({"overshoot": -1.0}, "overshoot"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bgeom.find_path(annulus, ANNULUS, point(1.5, 0.0), point(1.4, 0.3), **kwargs)
+
+
+# ------------------------------------------------------------- the suite probe
+
+TINY = {
+    "name": "tiny-connectivity",
+    "datasets": {"d": {"name": "digits", "max_train": 300, "max_test": 40}},
+    "models": {
+        "m": {
+            "dataset": "d",
+            "model": "mlp",
+            "options": {"hidden": [16]},
+            "train": {"epochs": 2, "batch_size": 32},
+        }
+    },
+    "probes": [
+        {
+            "probe": "connectivity",
+            "pairs": 3,
+            "max_anchors": 7,
+            "samples": 20,
+            "verify_samples": 100,
+            "grid": 7,
+            "examples": 1,
+        }
+    ],
+}
+
+
+def test_connectivity_probe_writes_every_number_behind_its_plots(tmp_path):
+    import json
+
+    from bgeom import suite
+
+    suite.run(TINY, tmp_path, progress=False, log=lambda s: None)
+    result = json.loads((tmp_path / "results" / "connectivity.json").read_text())
+    summary = result["summary"]
+    arrays = np.load(tmp_path / "results" / "connectivity.npz")
+    assert set(summary) == {"m/all"} | {f"m/{k}" for k in paths.PAIR_KINDS}
+    connected, kind = arrays["m/connected"], arrays["m/kind"]
+    assert len(connected) == summary["m/all"]["pairs"] == 9 - summary["m/all"]["pushes_failed"]
+    for k, name in enumerate(paths.PAIR_KINDS):
+        s = summary[f"m/{name}"]
+        assert s["connected_fraction"] == pytest.approx(connected[kind == k].mean())
+        straight = arrays["m/straight_ok"][kind == k]
+        assert s["straight_leaves_fraction"] == pytest.approx((~straight).mean())
+        assert sum(s["anchors_histogram"]) == int(connected[kind == k].sum())
+        assert len(s["length_ratios"]) == int(connected[kind == k].sum())
+    assert "summary" in result["figures"]
+    planes = summary["m/all"].get("planes", {})
+    if planes:  # a plane needs a connected path with an anchor
+        assert arrays["m/plane0/labels"].shape == (7, 7)
+        assert "planes-m" in result["figures"]
+    else:
+        assert any("no connected path needed an anchor" in n for n in result["notes"])
+    for name in result["figures"].values():
+        assert (tmp_path / "plots" / name).stat().st_size > 1000
