@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Test workers (pytest-xdist); CI has 2 cores. `make test TEST_WORKERS=0` runs serially.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench lint notebooks clean
 
@@ -20,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/bgeom suite --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
