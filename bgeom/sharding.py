@@ -44,6 +44,7 @@ __all__ = [
     "initialize",
     "on_process_zero",
     "process_info",
+    "split_over_processes",
     "sweep",
 ]
 
@@ -542,3 +543,43 @@ def sweep(
         seconds=time.perf_counter() - started,
     )
     return result, stats
+
+
+# --------------------------------------------------------------------------- host-side work
+
+
+def split_over_processes(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` for a BATCHED host-side function, its rows split over processes.
+
+    ``sweep`` needs one jitted per-example function; some analyses are a host
+    loop over a whole batch instead (``bgeom.find_paths`` schedules a pool of
+    pending segments), and vmapping them would make every example wait for the
+    hardest. This runs such a function with the leading axis (length ``n``,
+    shared by every argument) cut into one contiguous share per process,
+    padded to equal size with copies of the last row; each process calls
+    ``fn`` on its share only (on its own devices), and the results are
+    gathered so that every process holds all ``n`` rows, padding dropped.
+
+    Single process: exactly ``fn(*args)`` (as NumPy). Every process must call
+    it with the same arguments.
+
+    Args:
+      fn: ``fn(*batched_args) -> pytree`` whose leaves have a leading axis of
+        the same length as the arguments.
+      *args: arrays (or pytrees of arrays) with a common leading length ``n``.
+
+    Returns:
+      The pytree of ``fn``, leaves as NumPy arrays of leading length ``n``.
+    """
+    n = _leading_size(args, "the arguments")
+    info = process_info()
+    if info.count == 1 or n == 0:
+        return jax.tree.map(np.asarray, fn(*args))
+    share = -(-n // info.count)
+    lo = info.index * share
+    mine = jax.tree.map(lambda a: _rows(a, lo, lo + share, n), args)  # all padding past n
+    out = jax.tree.map(np.asarray, fn(*mine))
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(out, tiled=True)
+    return jax.tree.map(lambda a: np.asarray(a)[:n], gathered)

@@ -338,6 +338,14 @@ grid = sharding.sweep(
 out = {{f"single/{{k}}": np.asarray(v) for k, v in res.items()}}
 out.update({{f"members/{{k}}": np.asarray(v) for k, v in grid.items()}})
 out["stats"] = np.asarray([st.devices, st.processes, st.chunk_size, st.chunks, st.padding])
+
+# Batched host-side work (the pattern of find_paths): each process runs its share.
+seen = []
+def host(a, b):
+    seen.append(np.asarray(a).tolist())
+    return {{"sum": np.asarray(a) + np.asarray(b), "pid": np.full(len(a), pid)}}
+split = sharding.split_over_processes(host, np.arange(5.0), 10.0 * np.arange(5.0))
+out["split/sum"], out["split/pid"], out["split/seen"] = split["sum"], split["pid"], np.asarray(seen)
 np.savez(os.path.join(work, f"sweep{{pid}}.npz"), **out)
 
 # The suite through the CLI flags (jax.distributed is running: the same settings
@@ -395,6 +403,16 @@ probe = "margins"
 samples = 11
 batch_size = 4
 examples = 2
+
+[[probes]]
+probe = "connectivity"    # find_paths: the pairs split over the 2 processes
+pairs = 3
+kinds = ["natural"]
+max_anchors = 3
+samples = 20
+verify_samples = 100
+grid = 5
+examples = 1
 """
 
 
@@ -463,6 +481,18 @@ def test_two_processes_sweep_agrees_with_single_process(two_processes):
     assert sorted(reads[1]) == [[2, 3], [3, 4], [6, 7], [6, 7]]
 
 
+def test_two_processes_split_host_work_and_share_the_result(two_processes):
+    work, procs, outputs = two_processes
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    # 5 rows over 2 processes: shares of 3, process 1's padded with a copy of row 4.
+    for pid, share in ((0, [[0.0, 1.0, 2.0]]), (1, [[3.0, 4.0, 4.0]])):
+        with np.load(work / f"sweep{pid}.npz") as z:
+            np.testing.assert_array_equal(z["split/seen"], share)
+            np.testing.assert_array_equal(z["split/sum"], 11.0 * np.arange(5))
+            np.testing.assert_array_equal(z["split/pid"], [0, 0, 0, 1, 1])
+
+
 def test_two_process_suite_writes_once_and_agrees(two_processes):
     work, procs, outputs = two_processes
     for p, (_, err) in zip(procs, outputs, strict=True):
@@ -477,6 +507,9 @@ def test_two_process_suite_writes_once_and_agrees(two_processes):
     run = work / "run"
     for path in ("config.json", "report.html", "results/margins.json", "models/m/summary.json"):
         assert (run / path).exists(), path
+    assert "probe connectivity: done" in outputs[0][0]
+    conn = np.load(run / "results" / "connectivity.npz")
+    assert len(conn["m/connected"]) == 3  # both processes' shares, gathered
 
     # The gathered margins equal a single-process computation with the same model.
     from bgeom import data, train

@@ -3,13 +3,15 @@
 SPEC.md section 3. For each model: pairs of the three kinds of
 ``bgeom.paths.PAIR_KINDS`` (two natural test images of a class; a natural image
 and an image of another class pushed into it by targeted DeepFool; two such
-pushed images), a path search for every pair (``bgeom.paths.find_paths``), and
+pushed images), a path search for every pair (``bgeom.paths.find_paths``, the
+pairs split over processes in a multi-process run), and
 the 2-D plane through x1, x2 and the first anchor of a few paths, coloured by
 the model's label.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bgeom.paths import PAIR_KINDS, STATUS_NAMES, find_paths, make_pairs
+from bgeom.sharding import split_over_processes
 from bgeom.suite import ProbeOutput, SuiteContext, register_probe
 
 
@@ -148,12 +151,12 @@ def connectivity_probe(ctx: SuiteContext, spec: dict[str, Any]) -> ProbeOutput:
         )
         v = pairs.valid
         # One pooled search over all pairs of all kinds (find_paths, not ctx.map:
-        # a vmap over pairs would make every pair wait for the hardest one).
-        res = find_paths(
+        # a vmap over pairs would make every pair wait for the hardest one); in a
+        # multi-process run each process searches its share of the pairs.
+        search = functools.partial(
+            find_paths,
             apply_fn,
             params,
-            pairs.x1[v],
-            pairs.x2[v],
             batch=int(spec["batch"]),
             max_anchors=int(spec["max_anchors"]),
             max_depth=int(spec["max_depth"]),
@@ -162,6 +165,7 @@ def connectivity_probe(ctx: SuiteContext, spec: dict[str, Any]) -> ProbeOutput:
             overshoot=spec["overshoot"],
             max_iter=int(spec["max_iter"]),
         )
+        res = split_over_processes(search, pairs.x1[v], pairs.x2[v])
         res = {f: np.asarray(getattr(res, f)) for f in res._fields}
         kind = pairs.kind[v]
         for field in (
