@@ -23,9 +23,9 @@ re-sampled on an independent grid of ``verify_samples`` (>= 100) points;
 ``find_paths`` runs the same search for N pairs from one pool of pending
 segments (``batch`` per step). Under ``jax.vmap(find_path)`` every pair runs
 as many steps as the hardest pair of the batch; on the digits CNN, where most
-pairs need one test and a few need fifty, the pool was about 9x faster
-(notebooks/connectivity.py: 48 pairs, 4.5 s against 42 s on a 2-core CPU,
-compiled), with the same ``connected`` and ``status`` for every pair.
+pairs need one test and a few need sixty, the pool is 7.5x faster
+(``benchmarks/bench_paths.py``, BENCHMARKS.md: 48 pairs, 5.8 s against 44 s
+on a 2-core CPU, compiled), with the same ``connected`` for every pair.
 
 Pair generators (``pair_indices``, ``make_pairs``) build the three kinds of
 pairs of the paper: two natural images of a class; a natural image and an
