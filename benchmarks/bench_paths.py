@@ -2,9 +2,10 @@
 
 Usage::
 
-    python benchmarks/bench_paths.py [--pairs 16] [--loop-pairs 4] [--repeats 3]
+    python benchmarks/bench_paths.py [--pairs 16] [--loop-pairs 4] [--repeats 3] [--models cnn mlp]
 
-A ReLU CNN is trained here on digits (default recipe); ``--pairs`` pairs of
+Each of ``--models`` (default: the ReLU CNN and MLP) is trained here on digits
+(default recipe); ``--pairs`` pairs of
 each of the three kinds of ``bgeom.paths.PAIR_KINDS`` are drawn with
 ``paths.make_pairs`` (seed 0). Paths between them (SPEC.md section 3: 100
 samples per segment test, at most 31 anchors, depth 10, verification on 128
@@ -112,7 +113,7 @@ def reference_path(f, x1, x2, *, max_anchors, max_depth, samples, verify_samples
     return ok, len(points) - 2
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bgeom import data, paths, train
 
     ds = data.load("digits")
-    model = train.fit("cnn", ds, seeds=0, progress=False)
+    model = train.fit(name, ds, seeds=0, progress=False)
     f, p = model.apply_fn, model.params
     pairs = paths.make_pairs(jax.random.PRNGKey(0), f, p, ds.x_test, args.pairs)
     v = pairs.valid
@@ -133,16 +134,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     timings: dict[str, Any] = {}
     results: dict[str, Any] = {}
-    for name, fn in (("find_paths", pooled), ("vmap_find_path", lockstep)):
+    for method, fn in (("find_paths", pooled), ("vmap_find_path", lockstep)):
         first, res = _timed(lambda fn=fn: fn(x1, x2))
         times = [_timed(lambda fn=fn: fn(x1, x2))[0] for _ in range(args.repeats)]
-        timings[name] = {
-            "first_call_s": first,
-            "median_s": statistics.median(times),
-            "times": times,
-        }
-        results[name] = res
-        print(f"{name}: {n} pairs, median {timings[name]['median_s']:.2f} s", flush=True)
+        median = statistics.median(times)
+        timings[method] = {"first_call_s": first, "median_s": median, "times": times}
+        results[method] = res
+        print(f"{name} {method}: {n} pairs, median {median:.2f} s", flush=True)
 
     # The loop on the first --loop-pairs pairs of each kind; bgeom on the same subset too.
     subset = np.concatenate(
@@ -164,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_s = {k: n / t["median_s"] for k, t in timings.items()}
     loop_per_s = len(subset) / loop_s
     return {
-        "model": "cnn (relu)",
+        "model": name,
         "test_accuracy": float(np.atleast_1d(model.test_accuracy)[0]),
         "pairs": n,
         "pairs_per_kind": args.pairs,
@@ -189,27 +187,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(results: dict[str, Any]) -> str:
-    mach, cfg, r = results["machine"], results["config"], results["result"]
+    mach, cfg = results["machine"], results["config"]
     v = mach["versions"]
-    t = r["timings"]
-    lockstep_note = (
-        "under vmap every pair runs as many segment tests as the hardest"
-        if r["speedup_vs_vmap"] >= 1
-        else "when every pair needs about as many tests, the pool's bookkeeping costs more "
-        "than the lock step wastes"
-    )
     rows = [
-        "| method | pairs | first call (s) | median (s) | pairs/s "
+        "| model | method | pairs | first call (s) | median (s) | pairs/s "
         "| connected agrees with find_paths |",
-        "|---|---|---|---|---|---|",
-        f"| `find_paths` (pool of 16) | {r['pairs']} | {t['find_paths']['first_call_s']:.1f} "
-        f"| {t['find_paths']['median_s']:.2f} | {r['pairs_per_s']['find_paths']:.1f} | - |",
-        f"| `jit(vmap(find_path))` | {r['pairs']} | {t['vmap_find_path']['first_call_s']:.1f} "
-        f"| {t['vmap_find_path']['median_s']:.2f} | {r['pairs_per_s']['vmap_find_path']:.1f} "
-        f"| {r['connected_agree_vmap']} / {r['pairs']} |",
-        f"| per-pair eager loop | {r['loop_pairs']} | - | {r['loop_s']:.1f} "
-        f"| {r['loop_pairs_per_s']:.2f} | {r['connected_agree_loop']} / {r['loop_pairs']} |",
+        "|---|---|---|---|---|---|---|",
     ]
+    verdicts = []
+    for r in results["models"]:
+        t, m = r["timings"], r["model"]
+        rows += [
+            f"| {m} | `find_paths` (pool of 16) | {r['pairs']} "
+            f"| {t['find_paths']['first_call_s']:.1f} | {t['find_paths']['median_s']:.2f} "
+            f"| {r['pairs_per_s']['find_paths']:.1f} | - |",
+            f"| {m} | `jit(vmap(find_path))` | {r['pairs']} "
+            f"| {t['vmap_find_path']['first_call_s']:.1f} | {t['vmap_find_path']['median_s']:.2f} "
+            f"| {r['pairs_per_s']['vmap_find_path']:.1f} "
+            f"| {r['connected_agree_vmap']} / {r['pairs']} |",
+            f"| {m} | per-pair eager loop | {r['loop_pairs']} | - | {r['loop_s']:.1f} "
+            f"| {r['loop_pairs_per_s']:.2f} | {r['connected_agree_loop']} / {r['loop_pairs']} |",
+        ]
+        lockstep_note = (
+            "under vmap every pair runs as many segment tests as the hardest"
+            if r["speedup_vs_vmap"] >= 1
+            else "when every pair needs about as many tests, the pool's bookkeeping costs "
+            "more than the lock step wastes"
+        )
+        verdicts += [
+            f"- **{m}** (test accuracy {r['test_accuracy']:.3f}; {r['connected_fraction']:.0%} "
+            f"connected; segment tests per pair: median {r['segments_tested_median']:.0f}, max "
+            f"{r['segments_tested_max']}): `find_paths` is **{r['speedup_vs_vmap']:.1f}x** "
+            f"`vmap(find_path)` on the same pairs ({lockstep_note}) and "
+            f"**{r['speedup_vs_loop']:.0f}x** the loop's throughput "
+            f"({r['speedup_vs_loop_same_pairs']:.0f}x on the loop's {r['loop_pairs']} pairs "
+            f"alone, {r['find_paths_subset_median_s']:.2f} s). Anchors on the loop's pairs, "
+            f"find_paths / loop: {r['anchors_find_paths_subset']} / {r['anchors_loop']}.",
+        ]
     return "\n".join(
         [
             SECTION_BEGIN,
@@ -221,28 +235,20 @@ def render(results: dict[str, Any]) -> str:
             f"- **Machine:** {mach['cpu']}, {mach['usable_cores']} usable cores; JAX backend "
             f"`{mach['jax_backend']}`; jax {v['jax']}, flax {v['flax']}. Load average at "
             f"start / end: {results['loadavg'][0]:.2f} / {results['loadavg'][1]:.2f}.",
-            f"- **Task:** paths between {r['pairs']} pairs ({cfg['pairs']} of each kind: natural, "
-            "natural-adversarial, adversarial; `paths.make_pairs`, seed 0) of a ReLU CNN "
-            f"trained here on digits (test accuracy {r['test_accuracy']:.3f}); 100 samples per "
-            "segment test, at most 31 anchors, depth 10, targeted DeepFool (overshoot 0.02, "
-            "50 steps), every final segment re-sampled at 128 points. "
-            f"{r['connected_fraction']:.0%} connected; segment tests per pair: median "
-            f"{r['segments_tested_median']:.0f}, max {r['segments_tested_max']}.",
+            f"- **Task:** paths between {cfg['pairs']} pairs of each kind (natural, "
+            "natural-adversarial, adversarial; `paths.make_pairs`, seed 0) for ReLU models "
+            "trained here on digits; 100 samples per segment test, at most 31 anchors, depth "
+            "10, targeted DeepFool (overshoot 0.02, 50 steps), every final segment re-sampled "
+            "at 128 points.",
             f"- **Timing:** bgeom medians of {cfg['repeats']} runs after the first (compiling) "
             f"call. The loop (host recursion, eager model calls, eager targeted DeepFool, "
             f"depth-first) runs the first {cfg['loop_pairs']} pairs of each kind once, after "
-            "one untimed pair that warms JAX's eager caches.",
+            "one untimed pair that warms JAX's eager caches. Breadth-first vs depth-first "
+            "order and batched vs single model calls can place anchors differently.",
             "",
             *rows,
             "",
-            f"- `find_paths` is **{r['speedup_vs_vmap']:.1f}x** `vmap(find_path)` on the same "
-            f"pairs ({lockstep_note}), and "
-            f"**{r['speedup_vs_loop']:.0f}x** the loop's throughput "
-            f"({r['speedup_vs_loop_same_pairs']:.0f}x on the loop's {r['loop_pairs']} pairs "
-            f"alone, {r['find_paths_subset_median_s']:.2f} s).",
-            f"- Anchors on the loop's pairs, find_paths / loop: {r['anchors_find_paths_subset']} "
-            f"/ {r['anchors_loop']} (breadth-first vs depth-first order and batched vs single "
-            "model calls can place anchors differently).",
+            *verdicts,
             "",
             SECTION_END,
         ]
@@ -254,18 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=16, help="pairs per kind")
     parser.add_argument("--loop-pairs", type=int, default=4, help="loop pairs per kind")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["cnn", "mlp"], help="cnn, mlp, lenet")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--no-markdown", action="store_true")
     args, _ = parser.parse_known_args(argv)
     load0 = os.getloadavg()[0]
-    result = run(args)
-    results = run_record("bench_paths.py", args, argv, load0) | {"result": result}
+    models = [run(name, args) for name in args.models]
+    results = run_record("bench_paths.py", args, argv, load0) | {"models": models}
     write_json(results, REPO / "benchmarks" / "results", "paths")
     if not args.no_markdown:
         update_markdown(args.markdown, render(results), SECTION_BEGIN, SECTION_END)
     print(render(results))
     # A correctness check make bench notices: the two bgeom searches must agree.
-    return 0 if result["connected_agree_vmap"] == result["pairs"] else 1
+    return 0 if all(r["connected_agree_vmap"] == r["pairs"] for r in models) else 1
 
 
 if __name__ == "__main__":
