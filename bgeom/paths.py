@@ -23,8 +23,8 @@ re-sampled on an independent grid of ``verify_samples`` (>= 100) points;
 ``find_paths`` runs the same search for N pairs from one pool of pending
 segments (``batch`` per step). Under ``jax.vmap(find_path)`` every pair runs
 as many steps as the hardest pair of the batch; on the digits CNN, where most
-pairs need one test and a few need sixty, the pool is 7.5x faster
-(``benchmarks/bench_paths.py``, BENCHMARKS.md: 48 pairs, 5.8 s against 44 s
+pairs need one test and a few need sixty, the pool is 9x faster
+(``benchmarks/bench_paths.py``, BENCHMARKS.md: 48 pairs, 5.4 s against 48 s
 on a 2-core CPU, compiled), with the same ``connected`` for every pair.
 
 Pair generators (``pair_indices``, ``make_pairs``) build the three kinds of
