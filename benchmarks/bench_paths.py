@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_deepfool import (  # noqa: E402
+    _median_time,
     _timed,
     run_record,
     section_header,
@@ -136,8 +136,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for method, fn in (("find_paths", pooled), ("vmap_find_path", lockstep)):
         first, res = _timed(lambda fn=fn: fn(x1, x2))
-        times = [_timed(lambda fn=fn: fn(x1, x2))[0] for _ in range(args.repeats)]
-        median = statistics.median(times)
+        median, times, _ = _median_time(lambda fn=fn: fn(x1, x2), args.repeats)
         timings[method] = {"first_call_s": first, "median_s": median, "times": times}
         results[method] = res
         print(f"{name} {method}: {n} pairs, median {median:.2f} s", flush=True)
@@ -154,7 +153,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     print(f"loop: {len(subset)} pairs in {loop_s:.1f} s", flush=True)
     sub_a, sub_b = x1[subset], x2[subset]
     pooled(sub_a, sub_b)  # compile for this size
-    sub_times = [_timed(lambda: pooled(sub_a, sub_b))[0] for _ in range(args.repeats)]
+    sub_median, _, _ = _median_time(lambda: pooled(sub_a, sub_b), args.repeats)
 
     conn = {k: np.asarray(r.connected) for k, r in results.items()}
     loop_conn = np.array([c for c, _ in loop])
@@ -171,11 +170,11 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "loop_pairs": len(subset),
         "loop_s": loop_s,
         "loop_pairs_per_s": loop_per_s,
-        "find_paths_subset_median_s": statistics.median(sub_times),
+        "find_paths_subset_median_s": sub_median,
         "speedup_vs_vmap": timings["vmap_find_path"]["median_s"]
         / timings["find_paths"]["median_s"],
         "speedup_vs_loop": per_s["find_paths"] / loop_per_s,
-        "speedup_vs_loop_same_pairs": loop_s / statistics.median(sub_times),
+        "speedup_vs_loop_same_pairs": loop_s / sub_median,
         "connected_fraction": float(conn["find_paths"].mean()),
         "connected_agree_vmap": int(np.sum(conn["find_paths"] == conn["vmap_find_path"])),
         "connected_agree_loop": int(np.sum(conn["find_paths"][subset] == loop_conn)),

@@ -578,8 +578,5 @@ def split_over_processes(fn: Callable, *args: Any) -> Any:
     share = -(-n // info.count)
     lo = info.index * share
     mine = jax.tree.map(lambda a: _rows(a, lo, lo + share, n), args)  # all padding past n
-    out = jax.tree.map(np.asarray, fn(*mine))
-    from jax.experimental import multihost_utils
-
-    gathered = multihost_utils.process_allgather(out, tiled=True)
+    gathered = _fetch(jax.tree.map(np.asarray, fn(*mine)), multi=True)
     return jax.tree.map(lambda a: np.asarray(a)[:n], gathered)
