@@ -22,6 +22,7 @@ communication.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -356,6 +357,187 @@ def _signature(fn: Callable, axes: Any, maxes: Any, mesh: Mesh, call: list[Any])
     return (fn, axes, maxes, mesh, treedef, tuple(leaf(a) for a in leaves))
 
 
+class _SweepArgs(NamedTuple):
+    """The checked arguments of a sweep."""
+
+    axes: tuple[int | None, ...]  # in_axes, one per argument
+    maxes: tuple[int | None, ...] | None  # member_axes, None without an ensemble
+    n: int  # examples
+    members: int | None  # ensemble size, None without an ensemble
+    batch_size: int | None
+    mesh: Mesh
+
+
+def _check_sweep_args(
+    fn: Callable,
+    args: tuple[Any, ...],
+    in_axes: Any,
+    member_axes: Any,
+    batch_size: int | None,
+    mesh: Mesh | None,
+) -> _SweepArgs:
+    """Validate ``sweep``'s arguments (ValueError saying what to do) and read the sizes."""
+    if not callable(fn):
+        raise ValueError(f"sweep: fn must be a callable; got {type(fn).__name__}.")
+    if not args:
+        raise ValueError("sweep: give at least one array to map over.")
+    axes = _axes(in_axes, len(args), "in_axes")
+    maxes = None if member_axes is None else _axes(member_axes, len(args), "member_axes")
+    if all(ax is None for ax in axes):
+        raise ValueError("sweep: in_axes maps no argument; mark the examples' argument 0.")
+    if maxes is not None:
+        both = [i for i, (a, m) in enumerate(zip(axes, maxes, strict=True)) if a == 0 == m]
+        if both:
+            raise ValueError(
+                f"sweep: argument(s) {both} are mapped over both examples and members; an "
+                "argument carries one of the two axes (stack per-member data as params)."
+            )
+        if all(m is None for m in maxes):
+            raise ValueError("sweep: member_axes marks no argument; mark the stacked params 0.")
+    sizes = {_leading_size(a, "examples") for a, ax in zip(args, axes, strict=True) if ax == 0}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"sweep: the mapped arguments disagree on the number of examples: {sorted(sizes)}; "
+            "give them the same leading length."
+        )
+    n = sizes.pop()
+    if n == 0:
+        raise ValueError("sweep: there are no examples (the leading axis has length 0).")
+    members = None
+    if maxes is not None:
+        sizes = {_leading_size(a, "members") for a, m in zip(args, maxes, strict=True) if m == 0}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"sweep: the member-stacked arguments disagree on the number of members: "
+                f"{sorted(sizes)}."
+            )
+        members = sizes.pop()
+    if batch_size is not None:
+        batch_size = _checks.check_positive_int(batch_size, "batch_size", "sweep")
+    if mesh is None:
+        mesh = default_mesh()
+    elif not isinstance(mesh, Mesh):
+        raise ValueError(f"sweep: mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
+    return _SweepArgs(axes, maxes, n, members, batch_size, mesh)
+
+
+class _ChunkPlan(NamedTuple):
+    """How the sample axis is cut into chunks and laid out over the mesh."""
+
+    n: int  # examples
+    members: int | None
+    chunk: int  # examples per compiled call, a multiple of the device count
+    num_chunks: int
+    devices: int
+    processes: int
+    multi: bool  # the mesh spans several processes: gather across them
+    sample_sharding: NamedSharding  # a chunk's rows split over every mesh axis
+    replicated: NamedSharding
+    out_sharding: NamedSharding
+
+
+def _chunk_plan(checked: _SweepArgs) -> _ChunkPlan:
+    """Chunk size and count, device layout and shardings of a checked sweep."""
+    mesh, n, members = checked.mesh, checked.n, checked.members
+    devices = int(mesh.devices.size)
+    processes = len({d.process_index for d in mesh.devices.flat})
+    wanted = n if checked.batch_size is None else min(checked.batch_size, n)
+    chunk = devices * math.ceil(wanted / devices)
+    names = tuple(mesh.axis_names)
+    sample_sharding = NamedSharding(mesh, P(names))
+    return _ChunkPlan(
+        n=n,
+        members=members,
+        chunk=chunk,
+        num_chunks=math.ceil(n / chunk),
+        devices=devices,
+        processes=processes,
+        multi=processes > 1,
+        sample_sharding=sample_sharding,
+        replicated=NamedSharding(mesh, P()),
+        out_sharding=sample_sharding if members is None else NamedSharding(mesh, P(None, names)),
+    )
+
+
+def _chunk_args(
+    args: tuple[Any, ...],
+    axes: tuple[int | None, ...],
+    fixed: list[Any],
+    start: int,
+    plan: _ChunkPlan,
+) -> list[Any]:
+    """The call arguments of the chunk at ``start``: mapped ones sliced and sharded."""
+
+    def place(leaf: Any) -> Any:
+        return _place_chunk(leaf, start, plan.chunk, plan.n, plan.sample_sharding, plan.multi)
+
+    return [
+        jax.tree.map(place, a) if ax == 0 else f for a, ax, f in zip(args, axes, fixed, strict=True)
+    ]
+
+
+def _compiled_sweep(
+    fn: Callable, checked: _SweepArgs, plan: _ChunkPlan, first: list[Any]
+) -> tuple[Any, float]:
+    """The compiled vmapped ``fn`` for these chunk arguments (cached), and its compile time."""
+    key = _signature(fn, checked.axes, checked.maxes, checked.mesh, first)
+    try:
+        compiled = _COMPILED.pop(key, None)
+    except TypeError:  # an unhashable callable: no reuse
+        key, compiled = None, None
+    t0 = time.perf_counter()
+    if compiled is None:
+        mapped = jax.vmap(fn, in_axes=checked.axes)
+        if checked.maxes is not None:
+            mapped = jax.vmap(mapped, in_axes=checked.maxes)
+        lowered = jax.jit(mapped, out_shardings=plan.out_sharding).lower(*first)
+        compiled = lowered.compile()
+    compile_seconds = time.perf_counter() - t0
+    if key is not None:
+        _COMPILED[key] = compiled  # most recently used last
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+    return compiled, compile_seconds
+
+
+def _strip(tree: Any, size: int, members: int | None) -> Any:
+    """Fetched chunk outputs without their padding (rows past ``size``)."""
+    if members is None:
+        return jax.tree.map(lambda x: np.asarray(x)[:size], tree)
+    return jax.tree.map(lambda x: np.asarray(x)[:, :size], tree)
+
+
+def _run_chunks(
+    compiled: Any,
+    chunk_args: Callable[[int], list[Any]],
+    first: list[Any],
+    plan: _ChunkPlan,
+    bar: Any,
+) -> tuple[list[Any], int]:
+    """Call ``compiled`` on every chunk, fetching each result while the next one computes.
+
+    Returns:
+      The chunks' outputs (NumPy, padding dropped) and the number of devices
+      that really held the first chunk's result.
+    """
+    outputs: list[Any] = []
+    pending: tuple[Any, int] | None = None
+    used = plan.devices
+    for k in range(plan.num_chunks):
+        start = k * plan.chunk
+        out = compiled(*(first if k == 0 else chunk_args(start)))  # dispatched asynchronously
+        if k == 0:
+            leaves = jax.tree.leaves(out)
+            used = len(leaves[0].sharding.device_set) if leaves else plan.devices
+        if pending is not None:  # fetch the previous chunk while this one computes
+            outputs.append(_strip(_fetch(pending[0], plan.multi), pending[1], plan.members))
+            bar.update(pending[1])
+        pending = (out, min(plan.chunk, plan.n - start))
+    outputs.append(_strip(_fetch(pending[0], plan.multi), pending[1], plan.members))
+    bar.update(pending[1])
+    return outputs, used
+
+
 def sweep(
     fn: Callable,
     *args: Any,
@@ -408,122 +590,21 @@ def sweep(
     ``sweep`` with the same arguments; every process gets the whole result.
     """
     started = time.perf_counter()
-    if not callable(fn):
-        raise ValueError(f"sweep: fn must be a callable; got {type(fn).__name__}.")
-    if not args:
-        raise ValueError("sweep: give at least one array to map over.")
-    axes = _axes(in_axes, len(args), "in_axes")
-    maxes = None if member_axes is None else _axes(member_axes, len(args), "member_axes")
-    if all(ax is None for ax in axes):
-        raise ValueError("sweep: in_axes maps no argument; mark the examples' argument 0.")
-    if maxes is not None:
-        both = [i for i, (a, m) in enumerate(zip(axes, maxes, strict=True)) if a == 0 == m]
-        if both:
-            raise ValueError(
-                f"sweep: argument(s) {both} are mapped over both examples and members; an "
-                "argument carries one of the two axes (stack per-member data as params)."
-            )
-        if all(m is None for m in maxes):
-            raise ValueError("sweep: member_axes marks no argument; mark the stacked params 0.")
-    sizes = {_leading_size(a, "examples") for a, ax in zip(args, axes, strict=True) if ax == 0}
-    if len(sizes) > 1:
-        raise ValueError(
-            f"sweep: the mapped arguments disagree on the number of examples: {sorted(sizes)}; "
-            "give them the same leading length."
-        )
-    n = sizes.pop()
-    if n == 0:
-        raise ValueError("sweep: there are no examples (the leading axis has length 0).")
-    members = None
-    if maxes is not None:
-        sizes = {_leading_size(a, "members") for a, m in zip(args, maxes, strict=True) if m == 0}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"sweep: the member-stacked arguments disagree on the number of members: "
-                f"{sorted(sizes)}."
-            )
-        members = sizes.pop()
-    if batch_size is not None:
-        batch_size = _checks.check_positive_int(batch_size, "batch_size", "sweep")
-    if mesh is None:
-        mesh = default_mesh()
-    elif not isinstance(mesh, Mesh):
-        raise ValueError(f"sweep: mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
-
-    devices = int(mesh.devices.size)
-    processes = len({d.process_index for d in mesh.devices.flat})
-    # Gathering across processes is needed only when the mesh spans several.
-    multi = processes > 1
-    wanted = n if batch_size is None else min(batch_size, n)
-    chunk = devices * math.ceil(wanted / devices)
-    num_chunks = math.ceil(n / chunk)
-    names = tuple(mesh.axis_names)
-    sample_sharding = NamedSharding(mesh, P(names))
-    replicated = NamedSharding(mesh, P())
-    out_sharding = sample_sharding if members is None else NamedSharding(mesh, P(None, names))
-
-    mapped = jax.vmap(fn, in_axes=axes)
-    if maxes is not None:
-        mapped = jax.vmap(mapped, in_axes=maxes)
+    checked = _check_sweep_args(fn, args, in_axes, member_axes, batch_size, mesh)
+    plan = _chunk_plan(checked)
     fixed = [
-        None if ax == 0 else _replicate(a, replicated, multi)
-        for a, ax in zip(args, axes, strict=True)
+        None if ax == 0 else _replicate(a, plan.replicated, plan.multi)
+        for a, ax in zip(args, checked.axes, strict=True)
     ]
-
-    def chunk_args(start: int) -> list[Any]:
-        return [
-            jax.tree.map(
-                lambda leaf, start=start: _place_chunk(
-                    leaf, start, chunk, n, sample_sharding, multi
-                ),
-                a,
-            )
-            if ax == 0
-            else f
-            for a, ax, f in zip(args, axes, fixed, strict=True)
-        ]
-
-    def strip(tree: Any, size: int) -> Any:
-        if members is None:
-            return jax.tree.map(lambda x: np.asarray(x)[:size], tree)
-        return jax.tree.map(lambda x: np.asarray(x)[:, :size], tree)
-
+    chunk_args = functools.partial(_chunk_args, args, checked.axes, fixed, plan=plan)
+    first = chunk_args(0)
+    compiled, compile_seconds = _compiled_sweep(fn, checked, plan, first)
     from tqdm.auto import tqdm
 
-    first = chunk_args(0)
-    key = _signature(fn, axes, maxes, mesh, first)
-    try:
-        compiled = _COMPILED.pop(key, None)
-    except TypeError:  # an unhashable callable: no reuse
-        key, compiled = None, None
-    t0 = time.perf_counter()
-    if compiled is None:
-        compiled = jax.jit(mapped, out_shardings=out_sharding).lower(*first).compile()
-    compile_seconds = time.perf_counter() - t0
-    if key is not None:
-        _COMPILED[key] = compiled  # most recently used last
-        while len(_COMPILED) > _COMPILED_MAX:
-            _COMPILED.pop(next(iter(_COMPILED)))
-
-    outputs: list[Any] = []
-    pending: tuple[Any, int] | None = None
     show = progress and process_info().index == 0
-    with tqdm(total=n, desc=desc, disable=not show, leave=False, unit="ex") as bar:
-        for k in range(num_chunks):
-            start = k * chunk
-            call = first if k == 0 else chunk_args(start)
-            out = compiled(*call)  # dispatched asynchronously
-            if k == 0:  # the devices that really hold the result, for the stats
-                leaves = jax.tree.leaves(out)
-                used = len(leaves[0].sharding.device_set) if leaves else devices
-            # Fetch the previous chunk while this one computes.
-            if pending is not None:
-                outputs.append(strip(_fetch(pending[0], multi), pending[1]))
-                bar.update(pending[1])
-            pending = (out, min(chunk, n - start))
-        outputs.append(strip(_fetch(pending[0], multi), pending[1]))
-        bar.update(pending[1])
-    axis = 0 if members is None else 1
+    with tqdm(total=plan.n, desc=desc, disable=not show, leave=False, unit="ex") as bar:
+        outputs, used = _run_chunks(compiled, chunk_args, first, plan, bar)
+    axis = 0 if plan.members is None else 1
     result = (
         outputs[0]
         if len(outputs) == 1
@@ -532,13 +613,13 @@ def sweep(
     if not return_stats:
         return result
     stats = SweepStats(
-        examples=n,
-        members=members,
+        examples=plan.n,
+        members=plan.members,
         devices=used,
-        processes=processes,
-        chunk_size=chunk,
-        chunks=num_chunks,
-        padding=num_chunks * chunk - n,
+        processes=plan.processes,
+        chunk_size=plan.chunk,
+        chunks=plan.num_chunks,
+        padding=plan.num_chunks * plan.chunk - plan.n,
         compile_seconds=compile_seconds,
         seconds=time.perf_counter() - started,
     )
