@@ -4,7 +4,8 @@ Every analysis takes ``apply_fn(params, x)`` (logits of ONE example of shape
 (H, W, C)) and returns a NamedTuple of arrays; batch with ``jax.vmap``.
 """
 
-from bgeom import curvature, data, detection, models, subspaces, train
+from bgeom import boundary, curvature, data, detection, models, subspaces, train
+from bgeom.boundary import BoundaryPoint, DeepFoolOptions, boundary_point
 from bgeom.curvature import CurvatureResult, boundary_curvature
 from bgeom.margins import (
     MarginResult,
@@ -19,10 +20,14 @@ from bgeom.sharding import sweep
 __version__ = "0.1.0"
 
 __all__ = [
+    "BoundaryPoint",
     "CurvatureResult",
+    "DeepFoolOptions",
     "MarginResult",
     "PathResult",
+    "boundary",
     "boundary_curvature",
+    "boundary_point",
     "curvature",
     "data",
     "deepfool",

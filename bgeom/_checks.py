@@ -1,4 +1,4 @@
-"""Argument checks shared by every analysis (DESIGN.md style rule 4).
+"""Argument checks shared by every analysis: misuse is a ValueError saying what to do.
 
 Each check raises ``ValueError`` with a sentence saying what to do. They run at
 trace time: shapes are always known then; values only when the input is

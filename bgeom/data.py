@@ -3,7 +3,7 @@
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images,
   offline), a fixed stratified train/test split, optionally resized. The
   embedded default: the demo and the tests run on it with no network.
-- ``synthetic``: the "Hold me tight!" construction (SPEC.md section 1): all the
+- ``synthetic``: the "Hold me tight!" construction (docs/subspaces.md): all the
   discriminative information lies along one known unit direction ``u``
   (a DCT atom, or any direction you give), noise lives in its orthogonal
   complement. Any image size, seeded.

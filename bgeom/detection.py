@@ -34,6 +34,8 @@ References:
   Fawzi, Moosavi-Dezfooli, Frossard, Soatto. "Empirical study of the topology
   and geometry of deep networks" (first version: "Classification regions of
   deep neural networks"), CVPR 2018, section 6. https://arxiv.org/abs/1705.09552
+
+See docs/detection.md.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def asymmetry_score(
       ``AsymmetryScore``.
 
     References:
+      Method page: docs/detection.md.
       Fawzi et al., CVPR 2018, section 6. https://arxiv.org/abs/1705.09552
     """
     fn = "asymmetry_score"

@@ -1,10 +1,10 @@
 """Connectivity of classification regions: paths between two points that stay in one class.
 
-SPEC.md section 3, after Fawzi, Moosavi-Dezfooli, Frossard and Soatto. Two
+After Fawzi, Moosavi-Dezfooli, Frossard and Soatto (docs/connectivity.md). Two
 points x1, x2 of class i are joined by a polyline x1 -> anchors -> x2. A
 segment [a, b] is accepted when densely sampled points on it all have class
 i; otherwise its midpoint m becomes an anchor, pushed back into region i by a
-targeted DeepFool step when k(m) != i, and both halves are examined in turn.
+targeted DeepFool search (``bgeom.boundary``) when k(m) != i, and both halves are examined in turn.
 
 Implementation choice: a fixed-shape ``lax.while_loop``, not a host-side
 recursion, so that everything composes with ``jax.jit`` and ``jax.vmap``. The
@@ -18,14 +18,13 @@ array size) and ``max_depth`` (the recursion depth) and needs at most
 ``2 * max_anchors + 1`` segment tests. At the end the list is walked into path
 order (padding: repeated copies of x2) and every segment of the final path is
 re-sampled on an independent grid of ``verify_samples`` (>= 100) points;
-``connected`` is True only if all of them keep the class.
+``converged`` (alias ``connected``) is True only if all of them keep the class.
 
 ``find_paths`` runs the same search for N pairs from one pool of pending
 segments (``batch`` per step). Under ``jax.vmap(find_path)`` every pair runs
-as many steps as the hardest pair of the batch; on the digits CNN, where most
-pairs need one test and a few need sixty, the pool is 9x faster
-(``benchmarks/bench_paths.py``, BENCHMARKS.md: 48 pairs, 5.4 s against 48 s
-on a 2-core CPU, compiled), with the same ``connected`` for every pair.
+as many steps as the hardest pair of the batch; the pool lets a pair that
+needs one test finish without waiting for one that needs sixty
+(``benchmarks/bench_paths.py`` measures the difference).
 
 Pair generators (``pair_indices``, ``make_pairs``) build the three kinds of
 pairs of the paper: two natural images of a class; a natural image and an
@@ -35,6 +34,7 @@ adversarial images.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bgeom import _checks
-from bgeom.margins import _check_margin_args, _targeted_core, targeted_deepfool
+from bgeom import _checks, boundary
+from bgeom.margins import targeted_deepfool
 
 # ``PathResult.status`` codes (index into STATUS_NAMES).
 FOUND = 0  # every segment accepted and verified: ``connected``
@@ -79,11 +79,12 @@ class PathResult(NamedTuple):
         points is the path.
       num_points: number of distinct path points, ``num_anchors + 2``.
       num_anchors: number of anchors (0: the straight segment was accepted).
-      connected: True iff the search succeeded AND every segment of ``points``
-        keeps class ``label`` at all ``verify_samples`` re-sampled points.
+      converged: True iff the search succeeded AND every segment of ``points``
+        keeps class ``label`` at all ``verify_samples`` re-sampled points: the
+        two points are connected (also readable as ``connected``).
       label: the class i of x1 (the model's prediction).
       status: why the search ended, an index into ``STATUS_NAMES``
-        (0 ``found`` iff ``connected``).
+        (0 ``found`` iff ``converged``).
       segment_ok: (P - 1,) verification of each segment (padding: True).
       straight_ok: whether the straight segment x1 -> x2 keeps the class at
         the ``verify_samples`` points (False: it leaves the region).
@@ -99,7 +100,7 @@ class PathResult(NamedTuple):
     points: jax.Array
     num_points: jax.Array
     num_anchors: jax.Array
-    connected: jax.Array
+    converged: jax.Array
     label: jax.Array
     status: jax.Array
     segment_ok: jax.Array
@@ -110,6 +111,11 @@ class PathResult(NamedTuple):
     segments_tested: jax.Array
     segments_crossing: jax.Array
 
+    @property
+    def connected(self) -> jax.Array:
+        """``converged``: a path was found and verified (the paper's word)."""
+        return self.converged
+
 
 def _segment_keeps(f: Callable, a: jax.Array, b: jax.Array, ts: jax.Array, label: jax.Array):
     """Whether ``(1 - t) a + t b`` has class ``label`` (and finite logits) for every t."""
@@ -119,134 +125,130 @@ def _segment_keeps(f: Callable, a: jax.Array, b: jax.Array, ts: jax.Array, label
     return jnp.all(jnp.argmax(logits, axis=-1) == label) & jnp.all(jnp.isfinite(logits))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "apply_fn",
-        "max_anchors",
-        "samples",
-        "verify_samples",
-        "max_iter",
-        "bounds",
-        "batch",
-    ),
-)
-def _find_paths_core(
-    apply_fn: Callable,
-    params: Any,
-    x1: jax.Array,
-    x2: jax.Array,
-    overshoot: jax.Array,
-    max_depth: jax.Array,
-    *,
-    max_anchors: int,
-    samples: int,
-    verify_samples: int,
-    max_iter: int,
-    bounds: tuple[float, float] | None,
-    batch: int,
-) -> PathResult:
-    """The search for N pairs at once (leading axis of x1, x2) from one segment pool.
+class _Pool(NamedTuple):
+    """The search state of N pairs: a linked list of path nodes per pair.
 
-    ``max_depth`` is traced (changing it does not recompile); ``max_anchors``
-    sets the shapes.
+    Node 0 is x1, node 1 is x2, anchor k is node k + 1; a segment is named by
+    its first node and ends at ``next`` of it.
     """
-    f = lambda z: apply_fn(params, z)
-    num, size = x1.shape[0], max_anchors + 2
-    batch = min(batch, num * size)
+
+    points: jax.Array  # (N, P, H, W, C) node positions
+    next: jax.Array  # (N, P) the node after each node on the path
+    depth: jax.Array  # (N, P) recursion depth of the segment starting at each node
+    pending: jax.Array  # (N, P) segments waiting for a test
+    used: jax.Array  # (N,) nodes in use
+    tested: jax.Array  # (N,) segment tests run
+    crossing: jax.Array  # (N,) tests that found the segment leaving the region
+    status: jax.Array  # (N,) STATUS_NAMES code (FOUND while searching)
+
+
+class _Taken(NamedTuple):
+    """The ``batch`` segments tested in one step (some entries may be void)."""
+
+    valid: jax.Array  # a real pending segment
+    pair: jax.Array
+    start: jax.Array  # first node
+    end: jax.Array  # next node
+    depth: jax.Array
+
+
+def _init_pool(f: Callable, x1: jax.Array, x2: jax.Array, size: int) -> tuple[_Pool, jax.Array]:
+    """Every pair's straight segment pending (unless its endpoints disagree); the labels."""
+    num = x1.shape[0]
     logits1, logits2 = jnp.split(jax.vmap(f)(jnp.concatenate([x1, x2])), 2)
     label = jnp.argmax(logits1, axis=-1).astype(jnp.int32)
     finite = jnp.all(jnp.isfinite(logits1), -1) & jnp.all(jnp.isfinite(logits2), -1)
     same = jnp.argmax(logits2, axis=-1) == label
-    status0 = jnp.where(finite, jnp.where(same, FOUND, LABEL_MISMATCH), NONFINITE)
-    ts = jnp.linspace(0.0, 1.0, samples, dtype=x1.dtype)
-    keeps = jax.vmap(lambda a, b, lab: _segment_keeps(f, a, b, ts, lab))
-    push = jax.vmap(
-        lambda m, lab: _targeted_core(
-            apply_fn, params, m, lab, overshoot, max_iter=max_iter, bounds=bounds
-        )
+    status = jnp.where(finite, jnp.where(same, FOUND, LABEL_MISMATCH), NONFINITE)
+    zeros = jnp.zeros(num, jnp.int32)
+    pool = _Pool(
+        points=jnp.zeros((num, size) + x1.shape[1:], x1.dtype).at[:, 0].set(x1).at[:, 1].set(x2),
+        next=jnp.ones((num, size), jnp.int32),  # node 1 (x2) ends each path
+        depth=jnp.zeros((num, size), jnp.int32),
+        pending=jnp.zeros((num, size), bool).at[:, 0].set(status == FOUND),
+        used=jnp.full(num, 2, jnp.int32),
+        tested=zeros,
+        crossing=zeros,
+        status=status.astype(jnp.int32),
     )
-    # Pool order: shallowest first (breadth-first), then pair, then node index.
+    return pool, label
+
+
+def _take(pool: _Pool, max_depth: jax.Array, batch: int) -> _Taken:
+    """The ``batch`` shallowest pending segments over all pairs.
+
+    A pair contributes only segments of its shallowest pending level, so its
+    segments are taken in exactly the order of a one-by-one breadth-first
+    search (then by pair, then by node).
+    """
+    num, size = pool.next.shape
     order_key = (
         jnp.arange(num, dtype=jnp.int32)[:, None] * size + jnp.arange(size, dtype=jnp.int32)[None]
     )
     idle = jnp.iinfo(jnp.int32).max  # key of segments that are not ready
+    level = jnp.min(jnp.where(pool.pending, pool.depth, max_depth + 1), axis=1, keepdims=True)
+    ready = pool.pending & (pool.depth == level)
+    key = jnp.where(ready, pool.depth * (num * size) + order_key, idle).ravel()
+    neg_key, sel = jax.lax.top_k(-key, batch)
+    p, s = sel // size, sel % size
+    return _Taken(-neg_key < idle, p, s, pool.next[p, s], pool.depth[p, s])
+
+
+def _search_step(
+    f: Callable,
+    push: Callable,
+    pool: _Pool,
+    label: jax.Array,
+    ts: jax.Array,
+    max_depth: jax.Array,
+    batch: int,
+) -> _Pool:
+    """Test ``batch`` segments; split those that leave the region at pushed midpoints."""
+    size = pool.next.shape[1]
+    t = _take(pool, max_depth, batch)
+    p, s, e, d, lab = t.pair, t.start, t.end, t.depth, label[t.pair]
+    a, b = pool.points[p, s], pool.points[p, e]
+    ok = jax.vmap(lambda a, b, lab: _segment_keeps(f, a, b, ts, lab))(a, b, lab)
+    # Entries of one pair are in that pair's sequential order; a segment that
+    # leaves the region takes the next free node, as in a one-by-one search.
     earlier = jnp.arange(batch)[:, None] > jnp.arange(batch)[None, :]  # [j, i]: i before j
-    expand = lambda v: v.reshape((-1,) + (1,) * (x1.ndim - 1))
-
-    def cond(state):
-        return jnp.any(state[3])
-
-    def body(state):
-        pts, nxt, depth, pending, n, tested, crossing, status = state
-        # A pair contributes only segments of its shallowest pending level, so its
-        # segments are taken in exactly the order of a one-by-one search.
-        level = jnp.min(jnp.where(pending, depth, max_depth + 1), axis=1, keepdims=True)
-        ready = pending & (depth == level)
-        key = jnp.where(ready, depth * (num * size) + order_key, idle).ravel()
-        neg_key, sel = jax.lax.top_k(-key, batch)
-        valid = -neg_key < idle
-        p, s = sel // size, sel % size
-        e, d, lab = nxt[p, s], depth[p, s], label[p]
-        a, b = pts[p, s], pts[p, e]
-        ok = keeps(a, b, lab)
-        # Entries of one pair are in that pair's sequential order; a segment that
-        # leaves the region takes the next free node, as in a one-by-one search.
-        cand = valid & ~ok
-        same_pair = p[:, None] == p[None, :]
-        rank = jnp.sum(earlier & same_pair & cand[None, :], axis=1)
-        room, shallow = n[p] + rank < size, d < max_depth
-        attempt = cand & room & shallow
-        # Entries that need no push start at an endpoint of class lab: zero steps.
-        # When no entry needs one (most steps), lax.cond skips the pushes.
-        start = jnp.where(expand(attempt), 0.5 * (a + b), a)
-
-        def pushed_points(z):
-            res = push(z, lab)
-            return z + res.perturbation, res.converged
-
-        anchor, pushed = jax.lax.cond(
-            jnp.any(attempt), pushed_points, lambda z: (z, jnp.zeros(batch, bool)), start
-        )
-        fail = cand & ~(room & shallow & pushed)
-        code = jnp.where(~room, MAX_ANCHORS, jnp.where(~shallow, MAX_DEPTH, PUSH_FAILED))
-        # A pair's search ends at its first failure: later entries of it are void.
-        applied = valid & ~jnp.any(earlier & same_pair & fail[None, :], axis=1)
-        insert = applied & attempt & pushed
-        slot = jnp.where(insert, n[p] + rank, size)  # size: out of range, write dropped
-        split = jnp.where(insert, s, size)
-        pts = pts.at[p, slot].set(anchor, mode="drop")
-        nxt = nxt.at[p, slot].set(e, mode="drop").at[p, split].set(slot, mode="drop")
-        depth = depth.at[p, slot].set(d + 1, mode="drop").at[p, split].set(d + 1, mode="drop")
-        pending = pending.at[p, jnp.where(valid, s, size)].set(insert, mode="drop")
-        pending = pending.at[p, slot].set(True, mode="drop")
-        status = status.at[jnp.where(applied & fail, p, num)].set(code, mode="drop")
-        return (
-            pts,
-            nxt,
-            depth,
-            pending & (status == FOUND)[:, None],
-            n.at[p].add(insert.astype(jnp.int32)),
-            tested.at[p].add(applied.astype(jnp.int32)),
-            crossing.at[p].add((applied & ~ok).astype(jnp.int32)),
-            status,
-        )
-
-    pts = jnp.zeros((num, size) + x1.shape[1:], x1.dtype).at[:, 0].set(x1).at[:, 1].set(x2)
-    zeros = jnp.zeros(num, jnp.int32)
-    init = (
-        pts,
-        jnp.ones((num, size), jnp.int32),  # node 1 (x2) ends each path; other entries unused
-        jnp.zeros((num, size), jnp.int32),
-        jnp.zeros((num, size), bool).at[:, 0].set(status0 == FOUND),
-        jnp.full(num, 2, jnp.int32),
-        zeros,
-        zeros,
-        status0.astype(jnp.int32),
+    same_pair = p[:, None] == p[None, :]
+    cand = t.valid & ~ok
+    rank = jnp.sum(earlier & same_pair & cand[None, :], axis=1)
+    room, shallow = pool.used[p] + rank < size, d < max_depth
+    attempt = cand & room & shallow
+    # Entries that need no push start at an endpoint of class lab: zero steps.
+    # When no entry needs one (most steps), lax.cond skips the pushes.
+    expand = lambda v: v.reshape((-1,) + (1,) * (a.ndim - 1))
+    start = jnp.where(expand(attempt), 0.5 * (a + b), a)
+    anchor, pushed = jax.lax.cond(
+        jnp.any(attempt), push, lambda z, _: (z, jnp.zeros(batch, bool)), start, lab
     )
-    pts, nxt, _, _, n, tested, crossing, status = jax.lax.while_loop(cond, body, init)
+    fail = cand & ~(room & shallow & pushed)
+    code = jnp.where(~room, MAX_ANCHORS, jnp.where(~shallow, MAX_DEPTH, PUSH_FAILED))
+    # A pair's search ends at its first failure: later entries of it are void.
+    applied = t.valid & ~jnp.any(earlier & same_pair & fail[None, :], axis=1)
+    insert = applied & attempt & pushed
+    slot = jnp.where(insert, pool.used[p] + rank, size)  # size: out of range, write dropped
+    split = jnp.where(insert, s, size)
+    pending = pool.pending.at[p, jnp.where(t.valid, s, size)].set(insert, mode="drop")
+    status = pool.status.at[jnp.where(applied & fail, p, label.shape[0])].set(code, mode="drop")
+    return _Pool(
+        points=pool.points.at[p, slot].set(anchor, mode="drop"),
+        next=pool.next.at[p, slot].set(e, mode="drop").at[p, split].set(slot, mode="drop"),
+        depth=pool.depth.at[p, slot].set(d + 1, mode="drop").at[p, split].set(d + 1, mode="drop"),
+        pending=pending.at[p, slot].set(True, mode="drop") & (status == FOUND)[:, None],
+        used=pool.used.at[p].add(insert.astype(jnp.int32)),
+        tested=pool.tested.at[p].add(applied.astype(jnp.int32)),
+        crossing=pool.crossing.at[p].add((applied & ~ok).astype(jnp.int32)),
+        status=status,
+    )
 
-    # Path order: follow next from x1; once at x2 stay there (the padding).
+
+def _path_order(points: jax.Array, nxt: jax.Array) -> jax.Array:
+    """Each pair's nodes in path order: follow ``next`` from x1, then stay at x2 (padding)."""
+    size = nxt.shape[1]
+
     def walk(links):
         def step(node, _):
             return jnp.where(node == 1, 1, links[node]), node
@@ -254,19 +256,35 @@ def _find_paths_core(
         return jax.lax.scan(step, jnp.asarray(0, jnp.int32), None, length=size)[1]
 
     order = jax.vmap(walk)(nxt)
-    points = jax.vmap(lambda nodes, o: nodes[o])(pts, order)
+    return jax.vmap(lambda nodes, o: nodes[o])(points, order)
 
-    # Independent dense re-sampling of every segment of every returned path and
-    # of every straight segment, pooled: only real segments are evaluated.
+
+def _verify(
+    f: Callable,
+    points: jax.Array,
+    used: jax.Array,
+    x1: jax.Array,
+    x2: jax.Array,
+    label: jax.Array,
+    verify_samples: int,
+    batch: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Dense re-sampling of every segment of every path and of every straight segment.
+
+    Pooled ``batch`` segments at a time, so only real segments are evaluated.
+    Returns ``(segment_ok (N, P - 1), straight_ok (N,))``.
+    """
+    num, size = points.shape[:2]
+    expand = lambda v: v.reshape((-1,) + (1,) * (x1.ndim - 1))
     vts = jnp.linspace(0.0, 1.0, verify_samples, dtype=x1.dtype)
     vkeeps = jax.vmap(lambda a, b, lab: _segment_keeps(f, a, b, vts, lab))
     num_seg = num * (size - 1)
     # A straight segment that is the whole path is verified once, as the path.
-    live = jnp.concatenate([(jnp.arange(size - 1)[None] < (n - 1)[:, None]).ravel(), n > 2])
+    live = jnp.concatenate([(jnp.arange(size - 1)[None] < (used - 1)[:, None]).ravel(), used > 2])
     queue = jnp.concatenate([jnp.argsort(~live, stable=True), jnp.full(batch, live.size)])
     count = jnp.sum(live)
 
-    def verify(state):
+    def step(state):
         c, seg_ok = state
         q = jax.lax.dynamic_slice(queue, (c * batch,), (batch,))
         is_seg = q < num_seg
@@ -279,21 +297,62 @@ def _find_paths_core(
         return c + 1, seg_ok.at[jnp.where(done, q, live.size)].set(okv, mode="drop")
 
     _, seg_ok = jax.lax.while_loop(
-        lambda state: state[0] * batch < count, verify, (jnp.asarray(0), jnp.ones(live.size, bool))
+        lambda state: state[0] * batch < count, step, (jnp.asarray(0), jnp.ones(live.size, bool))
     )
     segment_ok = seg_ok[:num_seg].reshape(num, size - 1)
-    straight_ok = jnp.where(n > 2, seg_ok[num_seg:], segment_ok[:, 0])
+    return segment_ok, jnp.where(used > 2, seg_ok[num_seg:], segment_ok[:, 0])
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("apply_fn", "max_anchors", "samples", "verify_samples", "batch"),
+)
+def _find_paths_core(
+    apply_fn: Callable,
+    params: Any,
+    x1: jax.Array,
+    x2: jax.Array,
+    push: boundary.DeepFoolOptions,
+    max_depth: jax.Array,
+    *,
+    max_anchors: int,
+    samples: int,
+    verify_samples: int,
+    batch: int,
+) -> PathResult:
+    """The search for N pairs at once (leading axis of x1, x2) from one segment pool.
+
+    ``max_depth`` and ``push.overshoot`` are traced (changing them does not
+    recompile); ``max_anchors`` sets the shapes.
+    """
+    f = lambda z: apply_fn(params, z)
+    num, size = x1.shape[0], max_anchors + 2
+    batch = min(batch, num * size)
+    ts = jnp.linspace(0.0, 1.0, samples, dtype=x1.dtype)
+
+    def pushed_points(z, lab):
+        res = jax.vmap(lambda m, t: boundary.targeted_search(apply_fn, params, m, t, push))(z, lab)
+        return z + res.perturbation, res.reached & res.finite
+
+    pool, label = _init_pool(f, x1, x2, size)
+    pool = jax.lax.while_loop(
+        lambda pool: jnp.any(pool.pending),
+        lambda pool: _search_step(f, pushed_points, pool, label, ts, max_depth, batch),
+        pool,
+    )
+    points = _path_order(pool.points, pool.next)
+    segment_ok, straight_ok = _verify(f, points, pool.used, x1, x2, label, verify_samples, batch)
     all_ok = jnp.all(segment_ok, axis=1)
-    status = jnp.where((status == FOUND) & ~all_ok, VERIFY_FAILED, status)
+    status = jnp.where((pool.status == FOUND) & ~all_ok, VERIFY_FAILED, pool.status)
     diffs = jnp.diff(points, axis=1).reshape(num, size - 1, -1)
     length = jnp.sum(jnp.sqrt(jnp.sum(jnp.square(diffs), -1)), -1)
     distance = jnp.sqrt(jnp.sum(jnp.square((x2 - x1).reshape(num, -1)), -1))
     ratio = jnp.where(distance > 0, length / jnp.where(distance > 0, distance, 1.0), 1.0)
     return PathResult(
         points=points,
-        num_points=n,
-        num_anchors=n - 2,
-        connected=(status == FOUND) & all_ok,
+        num_points=pool.used,
+        num_anchors=pool.used - 2,
+        converged=(status == FOUND) & all_ok,
         label=label,
         status=status.astype(jnp.int32),
         segment_ok=segment_ok,
@@ -301,8 +360,8 @@ def _find_paths_core(
         length=length,
         distance=distance,
         length_ratio=ratio,
-        segments_tested=tested,
-        segments_crossing=crossing,
+        segments_tested=pool.tested,
+        segments_crossing=pool.crossing,
     )
 
 
@@ -319,8 +378,8 @@ def _prepare(
     x2: Any,
     options: dict[str, Any],
     batched: bool,
-) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-    """Validate the arguments of find_path / find_paths; return (x1, x2, core options)."""
+) -> tuple[jax.Array, jax.Array, boundary.DeepFoolOptions, dict[str, Any]]:
+    """Validate the arguments of find_path / find_paths; return (x1, x2, push, core options)."""
     x1, x2 = jnp.asarray(x1), jnp.asarray(x2)
     if x1.shape != x2.shape:
         what = "batches of the same shape (N, H, W, C)" if batched else "the same shape"
@@ -337,16 +396,7 @@ def _prepare(
         first = x1[0]
     else:
         first = x1
-    _, _, bounds = _check_margin_args(
-        name,
-        apply_fn,
-        params,
-        first,
-        2,
-        options["overshoot"],
-        options["max_iter"],
-        options["bounds"],
-    )
+    _, push = _push_options(options["push"]).checked(name, apply_fn, params, first)
     for x in (x1, x2):
         if batched:
             _checks.check_example(x[0], name)  # one example's rank and dtype
@@ -368,32 +418,42 @@ def _prepare(
         "verify_samples": _checks.check_positive_int(
             options["verify_samples"], "verify_samples", name, minimum=100
         ),
-        "max_iter": options["max_iter"],
-        "bounds": bounds,
     }
     if all(_checks.is_concrete(a) for a in jax.tree.leaves((params, x1, x2))):
-        xs1, xs2 = (x if batched else x[None] for x in (x1, x2))
-        l1, l2 = (
-            np.asarray(_logits(apply_fn, params, xs1)),
-            np.asarray(_logits(apply_fn, params, xs2)),
+        _check_same_class(name, apply_fn, params, x1, x2, batched)
+    return x1, x2, push, core
+
+
+def _check_same_class(
+    name: str, apply_fn: Callable, params: Any, x1: jax.Array, x2: jax.Array, batched: bool
+) -> None:
+    """Raise when x1 and x2 (concrete) are classified differently or give NaN logits."""
+    xs1, xs2 = (x if batched else x[None] for x in (x1, x2))
+    l1, l2 = (
+        np.asarray(_logits(apply_fn, params, xs1)),
+        np.asarray(_logits(apply_fn, params, xs2)),
+    )
+    if not (np.all(np.isfinite(l1)) and np.all(np.isfinite(l2))):
+        raise ValueError(
+            f"{name}: the model returns NaN or Inf logits at x1 or x2; check the "
+            "model and the inputs."
         )
-        if not (np.all(np.isfinite(l1)) and np.all(np.isfinite(l2))):
-            raise ValueError(
-                f"{name}: the model returns NaN or Inf logits at x1 or x2; check the "
-                "model and the inputs."
-            )
-        k1, k2 = l1.argmax(-1), l2.argmax(-1)
-        bad = np.flatnonzero(k1 != k2)
-        if bad.size:
-            i = int(bad[0])
-            where = f" (pair {i}; {bad.size} of {len(k1)} pairs differ)" if batched else ""
-            raise ValueError(
-                f"{name}: x1 is classified as {k1[i]} but x2 as {k2[i]}{where}; a path "
-                "inside one class region needs two points of the same class. Pick x2 "
-                f"of class {k1[i]}, or move it there first with "
-                f"bgeom.targeted_deepfool(apply_fn, params, x2, {k1[i]})."
-            )
-    return x1, x2, core
+    k1, k2 = l1.argmax(-1), l2.argmax(-1)
+    bad = np.flatnonzero(k1 != k2)
+    if bad.size:
+        i = int(bad[0])
+        where = f" (pair {i}; {bad.size} of {len(k1)} pairs differ)" if batched else ""
+        raise ValueError(
+            f"{name}: x1 is classified as {k1[i]} but x2 as {k2[i]}{where}; a path "
+            "inside one class region needs two points of the same class. Pick x2 "
+            f"of class {k1[i]}, or move it there first with "
+            f"bgeom.targeted_deepfool(apply_fn, params, x2, {k1[i]})."
+        )
+
+
+def _push_options(push: boundary.DeepFoolOptions | None) -> boundary.DeepFoolOptions:
+    """The targeted DeepFool settings of anchor pushes (candidates do not apply)."""
+    return dataclasses.replace(boundary.options_or_default(push, "push"), candidates=2)
 
 
 def find_path(
@@ -406,13 +466,11 @@ def find_path(
     max_depth: int = 10,
     samples: int = 100,
     verify_samples: int = 128,
-    overshoot: float = 0.02,
-    max_iter: int = 50,
-    bounds: tuple[float, float] | None = None,
+    push: boundary.DeepFoolOptions | None = None,
 ) -> PathResult:
     """A path from x1 to x2 that never leaves their class region (if one is found).
 
-    The recursion of SPEC.md section 3: the segment [a, b] is accepted when
+    The recursion of docs/connectivity.md: the segment [a, b] is accepted when
     ``samples`` equally spaced points on it (ends included) all have the class
     i = k(x1); otherwise its midpoint m, pushed into region i by
     ``targeted_deepfool`` when k(m) != i, becomes an anchor and [a, m], [m, b]
@@ -436,11 +494,11 @@ def find_path(
         segment can be accepted).
       samples: points tested per segment during the search (>= 3).
       verify_samples: points per segment of the final check (>= 100).
-      overshoot: overshoot of the targeted DeepFool pushes. The minimal push
-        (0.02) leaves anchors just inside the region, so paths around a
-        protruding region need many anchors; a larger one needs fewer.
-      max_iter: iteration cap of each push.
-      bounds: optional ``(low, high)`` box for the pushed anchors.
+      push: the settings of the targeted DeepFool pushes of anchors
+        (``bgeom.DeepFoolOptions``: ``overshoot``, ``max_iter``, ``bounds``;
+        ``candidates`` does not apply). The minimal push (overshoot 0.02)
+        leaves anchors just inside the region, so paths around a protruding
+        region need many anchors; a larger overshoot needs fewer.
 
     Returns:
       ``PathResult``; ``connected`` is the verified answer and ``status`` says
@@ -451,6 +509,7 @@ def find_path(
         shapes, or (with concrete inputs) classified differently.
 
     References:
+      Method page: docs/connectivity.md.
       Fawzi, Moosavi-Dezfooli, Frossard, Soatto. "Classification regions of
       deep neural networks", 2017 (CVPR 2018 as "Empirical study of the
       topology and geometry of deep networks"). https://arxiv.org/abs/1705.09552
@@ -460,22 +519,11 @@ def find_path(
         max_depth=max_depth,
         samples=samples,
         verify_samples=verify_samples,
-        overshoot=overshoot,
-        max_iter=max_iter,
-        bounds=bounds,
+        push=push,
     )
-    x1, x2, core = _prepare("find_path", apply_fn, params, x1, x2, options, batched=False)
+    x1, x2, push, core = _prepare("find_path", apply_fn, params, x1, x2, options, batched=False)
     depth = jnp.asarray(core.pop("max_depth"), jnp.int32)
-    res = _find_paths_core(
-        apply_fn,
-        params,
-        x1[None],
-        x2[None],
-        jnp.asarray(overshoot, x1.dtype),
-        depth,
-        batch=1,
-        **core,
-    )
+    res = _find_paths_core(apply_fn, params, x1[None], x2[None], push, depth, batch=1, **core)
     return jax.tree.map(lambda a: a[0], res)
 
 
@@ -490,9 +538,7 @@ def find_paths(
     max_depth: int = 10,
     samples: int = 100,
     verify_samples: int = 128,
-    overshoot: float = 0.02,
-    max_iter: int = 50,
-    bounds: tuple[float, float] | None = None,
+    push: boundary.DeepFoolOptions | None = None,
 ) -> PathResult:
     """``find_path`` for N pairs at once, from one pool of pending segments.
 
@@ -511,13 +557,13 @@ def find_paths(
       apply_fn, params: the model, as in ``find_path``.
       x1, x2: (N, H, W, C) batches of pairs; pair k is ``(x1[k], x2[k])``.
       batch: segments tested per step (each costs ``samples`` forward passes).
-      max_anchors, max_depth, samples, verify_samples, overshoot, max_iter,
-        bounds: as in ``find_path``.
+      max_anchors, max_depth, samples, verify_samples, push: as in ``find_path``.
 
     Returns:
       ``PathResult`` with a leading axis of length N on every field.
 
     References:
+      Method page: docs/connectivity.md.
       Fawzi, Moosavi-Dezfooli, Frossard, Soatto. "Classification regions of
       deep neural networks", 2017. https://arxiv.org/abs/1705.09552
     """
@@ -526,16 +572,12 @@ def find_paths(
         max_depth=max_depth,
         samples=samples,
         verify_samples=verify_samples,
-        overshoot=overshoot,
-        max_iter=max_iter,
-        bounds=bounds,
+        push=push,
     )
-    x1, x2, core = _prepare("find_paths", apply_fn, params, x1, x2, options, batched=True)
+    x1, x2, push, core = _prepare("find_paths", apply_fn, params, x1, x2, options, batched=True)
     batch = _checks.check_positive_int(batch, "batch", "find_paths")
     depth = jnp.asarray(core.pop("max_depth"), jnp.int32)
-    return _find_paths_core(
-        apply_fn, params, x1, x2, jnp.asarray(overshoot, x1.dtype), depth, batch=batch, **core
-    )
+    return _find_paths_core(apply_fn, params, x1, x2, push, depth, batch=batch, **core)
 
 
 # ------------------------------------------------------------------ pairs
@@ -661,9 +703,7 @@ def make_pairs(
     kinds: str | tuple[str, ...] = PAIR_KINDS,
     *,
     labels: Any = None,
-    overshoot: float = 0.02,
-    max_iter: int = 50,
-    bounds: tuple[float, float] | None = None,
+    push: boundary.DeepFoolOptions | None = None,
     map_fn: Callable | None = None,
 ) -> Pairs:
     """``num_pairs`` pairs of points of one class for each kind in ``kinds``.
@@ -683,7 +723,7 @@ def make_pairs(
       kinds: one kind or a sequence of kinds.
       labels: the model's predictions on ``images`` if already known
         (computed otherwise).
-      overshoot, max_iter, bounds: options of the targeted DeepFool pushes.
+      push: the settings of the targeted DeepFool pushes, as in ``find_path``.
       map_fn: ``map_fn(fn, *args, in_axes=...)`` batches a per-example function
         (default: one ``jax.jit(jax.vmap(fn))`` call over everything; the
         suite passes its chunked, sharded ``ctx.map``).
@@ -728,10 +768,17 @@ def make_pairs(
     ok1, ok2 = np.ones(len(kind), bool), np.ones(len(kind), bool)
     if sources.size:
         # Clear errors now (trace-time checks only), then map the traced version.
-        _check_margin_args(name, apply_fn, params, images[0], 2, overshoot, max_iter, bounds)
+        push = _push_options(push)
+        push.checked(name, apply_fn, params, images[0])
         pushed = map_fn(
             lambda p, x, t: targeted_deepfool(
-                apply_fn, p, x, t, overshoot=overshoot, max_iter=max_iter, bounds=bounds
+                apply_fn,
+                p,
+                x,
+                t,
+                overshoot=push.overshoot,
+                max_iter=push.max_iter,
+                bounds=push.bounds,
             ),
             params,
             images[sources],

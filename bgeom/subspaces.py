@@ -26,6 +26,8 @@ References:
   Ortiz-Jimenez, Modas, Moosavi-Dezfooli, Frossard. "Hold me tight! Influence of
   discriminative features on deep network boundaries", NeurIPS 2020.
   https://arxiv.org/abs/2002.06349
+
+See docs/subspaces.md.
 """
 
 from __future__ import annotations
@@ -199,6 +201,7 @@ def dct_blocks(shape: Sequence[int], block: int = 8, stride: int = 1) -> MaskSub
       A stacked ``MaskSubspace`` (``len`` = number of blocks; index or vmap it).
 
     References:
+      Method page: docs/subspaces.md.
       Ortiz-Jimenez et al., "Hold me tight!", NeurIPS 2020, section 3.
     """
     h, w, _ = _check_shape(shape, "dct_blocks")
@@ -386,6 +389,7 @@ def flip(x: jax.Array) -> jax.Array:
       x: images ``(..., H, W, C)``.
 
     References:
+      Method page: docs/subspaces.md.
       Ortiz-Jimenez et al., "Hold me tight!", NeurIPS 2020, section 4.
     """
     x = _check_images(x, "flip")

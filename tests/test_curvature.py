@@ -9,7 +9,7 @@ from flax import nnx
 from helpers import tol
 
 import bgeom
-from bgeom import curvature, models
+from bgeom import curvature, models, spectra
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_quadratic_curvatures_are_closed_form(quadratic):
 @pytest.mark.parametrize("which", ["largest", "smallest", "both", "magnitude"])
 def test_which_selects_the_right_end(which):
     vals = jnp.asarray([-5.0, -1.0, 0.0, 2.0, 3.0, 4.0])  # ascending, as Lanczos returns
-    got = np.asarray(vals[curvature._select(vals, 3, which)])
+    got = np.asarray(vals[spectra.select(vals, 3, which)])
     expected = {
         "largest": [4.0, 3.0, 2.0],
         "smallest": [0.0, -1.0, -5.0],
@@ -81,7 +81,7 @@ def test_which_selects_the_right_end(which):
         "magnitude": [4.0, 3.0, -5.0],
     }[which]
     np.testing.assert_array_equal(got, expected)
-    got = np.asarray(vals[curvature._select(vals, 4, which)])
+    got = np.asarray(vals[spectra.select(vals, 4, which)])
     assert np.all(np.diff(got) <= 0)
     if which == "magnitude":
         np.testing.assert_array_equal(got, [4.0, 3.0, 2.0, -5.0])
@@ -299,55 +299,3 @@ def test_digits_perturbations_live_in_the_shared_curved_subspace():
     ratio_random = np.asarray(jax.vmap(lambda v: curvature.projection_ratio(v, rnd))(r))
     assert np.median(ratio) > 1.25 * curvature.random_baseline(m, d)
     assert np.median(ratio) > np.median(ratio_random)
-
-
-def test_curvature_probe_writes_every_number_behind_its_plots(tmp_path):
-    """The suite probe end to end on a tiny MLP, through its large-image branch
-    (top/bottom k and the SLQ density, forced by full_spectrum_max_dim)."""
-    import json
-
-    from bgeom import suite
-
-    config = {
-        "name": "tiny-curvature",
-        "datasets": {"d": {"name": "digits", "max_train": 300, "max_test": 40}},
-        "models": {
-            "m": {
-                "dataset": "d",
-                "model": "mlp",
-                "activation": "softplus",
-                "beta": 5.0,
-                "options": {"hidden": [16]},
-                "train": {"epochs": 2, "batch_size": 32},
-            }
-        },
-        "probes": [
-            {
-                "probe": "curvature",
-                "samples": 6,
-                "held_out": 6,
-                "k": 4,
-                "full_spectrum_max_dim": 10,
-                "subspace_dim": 3,
-                "slq_probes": 2,
-                "slq_matvecs": 8,
-                "directions": 4,
-                "batch_size": 6,
-            }
-        ],
-    }
-    suite.run(config, tmp_path, progress=False, log=lambda s: None)
-    result = json.loads((tmp_path / "results" / "curvature.json").read_text())
-    s = result["summary"]["m"]
-    assert s["operator"] == "exact" and s["spectrum"] == "top/bottom 4"
-    assert len(s["mean_sorted_curvatures"]) == 4 and len(s["density"]) == len(s["density_grid"])
-    assert s["density_method"].startswith("stochastic Lanczos quadrature")
-    assert 0.0 <= s["flat_fraction_median"] <= 1.0
-    assert set(s["detection"]) == {"x1", "x2", "x5"} and 0.0 <= s["auc_x1"] <= 1.0
-    assert len(s["roc"]["x1"]["fpr"]) == len(s["roc"]["x1"]["tpr"])
-    assert set(result["figures"]) == {"spectrum", "detection", "directions-m"}
-    for name in result["figures"].values():
-        assert (tmp_path / "plots" / name).stat().st_size > 1000
-    arrays = np.load(tmp_path / "results" / "curvature.npz")
-    assert arrays["m/curvatures"].shape == (6, 4)
-    assert arrays["m/shared_basis"].shape == (3, 8, 8, 1)

@@ -124,3 +124,65 @@ def test_integer_image_is_rejected():
     apply_fn, params = affine_classifier(0, 3)
     with pytest.raises(ValueError, match="floating-point"):
         bgeom.deepfool(apply_fn, params, jnp.zeros((4, 4, 1), jnp.int32))
+
+
+# ---------------------------------------------------------- targeted DeepFool
+
+
+# One affine model for every targeted case (params traced: shared compilations).
+AFFINE, _ = affine_classifier(0, 5)
+
+
+@pytest.mark.parametrize("overshoot", [0.02, 0.1])
+def test_targeted_deepfool_towards_the_nearest_class_is_deepfool(overshoot):
+    _, params = affine_classifier(5, 5)
+    x = jax.random.uniform(jax.random.PRNGKey(5), (4, 4, 1))
+    expected, nearest = affine_margin(params, x, 5, overshoot)
+    res = bgeom.targeted_deepfool(AFFINE, params, x, nearest, overshoot=overshoot)
+    df = bgeom.deepfool(AFFINE, params, x, overshoot=overshoot)
+    assert bool(res.converged) and int(res.adv_label) == nearest and int(res.iterations) == 1
+    np.testing.assert_allclose(float(res.margin), expected, **tol(jnp.float32, 4))
+    np.testing.assert_allclose(
+        np.asarray(res.perturbation), np.asarray(df.perturbation), **tol(jnp.float32, 4)
+    )
+
+
+def test_targeted_deepfool_reaches_every_class_of_an_affine_classifier():
+    _, params = affine_classifier(7, 5)
+    x = jax.random.uniform(jax.random.PRNGKey(7), (4, 4, 1))
+    label = int(jnp.argmax(AFFINE(params, x)))
+    targets = jnp.arange(5)
+    res = jax.vmap(lambda t: bgeom.targeted_deepfool(AFFINE, params, x, t))(targets)
+    assert bool(jnp.all(res.converged))
+    np.testing.assert_array_equal(np.asarray(res.adv_label), np.arange(5))
+    reached = jax.vmap(lambda r: jnp.argmax(AFFINE(params, x + r)))(res.perturbation)
+    np.testing.assert_array_equal(np.asarray(reached), np.arange(5))
+    # Reaching a class is never cheaper than the nearest boundary (DeepFool's margin).
+    df = bgeom.deepfool(AFFINE, params, x)
+    others = np.delete(np.asarray(res.margin), label)
+    assert np.all(others >= float(df.margin) * (1 - 1e-5))
+    # Already there: nothing to do.
+    assert float(res.margin[label]) == 0.0 and int(res.iterations[label]) == 0
+
+
+def test_targeted_deepfool_without_iterations_is_not_a_margin():
+    _, params = affine_classifier(0, 5)
+    x = jnp.full((4, 4, 1), 0.5)
+    target = (int(jnp.argmax(AFFINE(params, x))) + 1) % 5
+    res = bgeom.targeted_deepfool(AFFINE, params, x, target, max_iter=0)
+    assert not bool(res.converged) and np.isinf(float(res.margin))
+
+
+@pytest.mark.parametrize(
+    "target,match",
+    [
+        (7, r"in \[0, 5\)"),
+        (-1, r"in \[0, 5\)"),
+        (1.5, "integer"),
+        (jnp.array([0, 1]), "ONE integer"),
+    ],
+)
+def test_targeted_deepfool_bad_target(target, match):
+    _, params = affine_classifier(0, 5)
+    with pytest.raises(ValueError, match=match):
+        bgeom.targeted_deepfool(AFFINE, params, jnp.zeros((4, 4, 1)), target)

@@ -1,4 +1,4 @@
-"""Paths inside class regions (SPEC section 3) and the targeted DeepFool they push with.
+"""Paths inside class regions (docs/connectivity.md) and the targeted DeepFool they push with.
 
 Hand-solvable cases: a 2-D classifier whose class-0 region is an annulus
 (non-convex: a path around the hole needs anchors, a short chord does not),
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import affine_classifier, affine_margin, tol
+from helpers import tol
 
 import bgeom
 from bgeom import paths
@@ -102,13 +102,11 @@ def test_failures_are_statuses_not_exceptions():
         ANNULUS,
         point(1.5, 0.0)[None],
         point(0.0, 0.0)[None],
-        jnp.float32(0.02),
+        bgeom.DeepFoolOptions(candidates=2, overshoot=jnp.float32(0.02)),
         jnp.int32(10),
         max_anchors=31,
         samples=100,
         verify_samples=128,
-        max_iter=50,
-        bounds=None,
         batch=1,
     )
     assert not bool(res.connected[0]) and int(res.status[0]) == paths.LABEL_MISMATCH
@@ -128,7 +126,7 @@ RING = (
 _BALL_PTS = np.random.default_rng(0).uniform(-1.4, 1.4, (14, 2))  # |x| < 1.98 < R2
 BALL_PAIRS = (points(_BALL_PTS[:7]), points(_BALL_PTS[7:]))
 # Static options shared by the pooled tests (one compilation).
-POOL = dict(max_anchors=7, max_depth=8, overshoot=0.3)
+POOL = dict(max_anchors=7, max_depth=8, push=bgeom.DeepFoolOptions(overshoot=0.3))
 
 
 def test_find_paths_equals_one_by_one_find_path():
@@ -160,68 +158,6 @@ def test_a_convex_region_needs_no_anchor():
     assert bool(jnp.all(res.connected)) and bool(jnp.all(res.straight_ok))
     assert int(jnp.max(res.num_anchors)) == 0
     np.testing.assert_allclose(np.asarray(res.length_ratio), 1.0, **tol(jnp.float32))
-
-
-# ---------------------------------------------------------- targeted DeepFool
-
-
-# One affine model for every targeted case (params traced: shared compilations).
-AFFINE, _ = affine_classifier(0, 5)
-
-
-@pytest.mark.parametrize("overshoot", [0.02, 0.1])
-def test_targeted_deepfool_towards_the_nearest_class_is_deepfool(overshoot):
-    _, params = affine_classifier(5, 5)
-    x = jax.random.uniform(jax.random.PRNGKey(5), (4, 4, 1))
-    expected, nearest = affine_margin(params, x, 5, overshoot)
-    res = bgeom.targeted_deepfool(AFFINE, params, x, nearest, overshoot=overshoot)
-    df = bgeom.deepfool(AFFINE, params, x, overshoot=overshoot)
-    assert bool(res.converged) and int(res.adv_label) == nearest and int(res.iterations) == 1
-    np.testing.assert_allclose(float(res.margin), expected, **tol(jnp.float32, 4))
-    np.testing.assert_allclose(
-        np.asarray(res.perturbation), np.asarray(df.perturbation), **tol(jnp.float32, 4)
-    )
-
-
-def test_targeted_deepfool_reaches_every_class_of_an_affine_classifier():
-    _, params = affine_classifier(7, 5)
-    x = jax.random.uniform(jax.random.PRNGKey(7), (4, 4, 1))
-    label = int(jnp.argmax(AFFINE(params, x)))
-    targets = jnp.arange(5)
-    res = jax.vmap(lambda t: bgeom.targeted_deepfool(AFFINE, params, x, t))(targets)
-    assert bool(jnp.all(res.converged))
-    np.testing.assert_array_equal(np.asarray(res.adv_label), np.arange(5))
-    reached = jax.vmap(lambda r: jnp.argmax(AFFINE(params, x + r)))(res.perturbation)
-    np.testing.assert_array_equal(np.asarray(reached), np.arange(5))
-    # Reaching a class is never cheaper than the nearest boundary (DeepFool's margin).
-    df = bgeom.deepfool(AFFINE, params, x)
-    others = np.delete(np.asarray(res.margin), label)
-    assert np.all(others >= float(df.margin) * (1 - 1e-5))
-    # Already there: nothing to do.
-    assert float(res.margin[label]) == 0.0 and int(res.iterations[label]) == 0
-
-
-def test_targeted_deepfool_without_iterations_is_not_a_margin():
-    _, params = affine_classifier(0, 5)
-    x = jnp.full((4, 4, 1), 0.5)
-    target = (int(jnp.argmax(AFFINE(params, x))) + 1) % 5
-    res = bgeom.targeted_deepfool(AFFINE, params, x, target, max_iter=0)
-    assert not bool(res.converged) and np.isinf(float(res.margin))
-
-
-@pytest.mark.parametrize(
-    "target,match",
-    [
-        (7, r"in \[0, 5\)"),
-        (-1, r"in \[0, 5\)"),
-        (1.5, "integer"),
-        (jnp.array([0, 1]), "ONE integer"),
-    ],
-)
-def test_targeted_deepfool_bad_target(target, match):
-    _, params = affine_classifier(0, 5)
-    with pytest.raises(ValueError, match=match):
-        bgeom.targeted_deepfool(AFFINE, params, jnp.zeros((4, 4, 1)), target)
 
 
 # ------------------------------------------------------------------- pairs
@@ -315,66 +251,10 @@ def test_points_of_different_shapes_are_rejected():
         ({"verify_samples": 50}, "verify_samples"),
         ({"max_anchors": -1}, "max_anchors"),
         ({"max_depth": 1.5}, "max_depth"),
-        ({"overshoot": -1.0}, "overshoot"),
+        ({"push": bgeom.DeepFoolOptions(overshoot=-1.0)}, "overshoot"),
+        ({"push": {"overshoot": 0.1}}, "DeepFoolOptions"),
     ],
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bgeom.find_path(annulus, ANNULUS, point(1.5, 0.0), point(1.4, 0.3), **kwargs)
-
-
-# ------------------------------------------------------------- the suite probe
-
-TINY = {
-    "name": "tiny-connectivity",
-    "datasets": {"d": {"name": "digits", "max_train": 300, "max_test": 40}},
-    "models": {
-        "m": {
-            "dataset": "d",
-            "model": "mlp",
-            "options": {"hidden": [16]},
-            "train": {"epochs": 2, "batch_size": 32},
-        }
-    },
-    "probes": [
-        {
-            "probe": "connectivity",
-            "pairs": 3,
-            "max_anchors": 7,
-            "samples": 20,
-            "verify_samples": 100,
-            "grid": 7,
-            "examples": 1,
-        }
-    ],
-}
-
-
-def test_connectivity_probe_writes_every_number_behind_its_plots(tmp_path):
-    import json
-
-    from bgeom import suite
-
-    suite.run(TINY, tmp_path, progress=False, log=lambda s: None)
-    result = json.loads((tmp_path / "results" / "connectivity.json").read_text())
-    summary = result["summary"]
-    arrays = np.load(tmp_path / "results" / "connectivity.npz")
-    assert set(summary) == {"m/all"} | {f"m/{k}" for k in paths.PAIR_KINDS}
-    connected, kind = arrays["m/connected"], arrays["m/kind"]
-    assert len(connected) == summary["m/all"]["pairs"] == 9 - summary["m/all"]["pushes_failed"]
-    for k, name in enumerate(paths.PAIR_KINDS):
-        s = summary[f"m/{name}"]
-        assert s["connected_fraction"] == pytest.approx(connected[kind == k].mean())
-        straight = arrays["m/straight_ok"][kind == k]
-        assert s["straight_leaves_fraction"] == pytest.approx((~straight).mean())
-        assert sum(s["anchors_histogram"]) == int(connected[kind == k].sum())
-        assert len(s["length_ratios"]) == int(connected[kind == k].sum())
-    assert "summary" in result["figures"]
-    planes = summary["m/all"].get("planes", {})
-    if planes:  # a plane needs a connected path with an anchor
-        assert arrays["m/plane0/labels"].shape == (7, 7)
-        assert "planes-m" in result["figures"]
-    else:
-        assert any("no connected path needed an anchor" in n for n in result["notes"])
-    for name in result["figures"].values():
-        assert (tmp_path / "plots" / name).stat().st_size > 1000
