@@ -102,6 +102,32 @@ def _single_model_config(args: argparse.Namespace, probes: list[dict[str, Any]])
     }
 
 
+def probes_text(names: list[str] | None = None) -> str:
+    """Every registered probe (or those in ``names``) with its options, for ``bgeom probes``."""
+    import json
+
+    from bgeom.suite import PROBES
+
+    names = list(names or sorted(PROBES))
+    unknown = [n for n in names if n not in PROBES]
+    if unknown:
+        raise ValueError(f"unknown probe(s) {unknown}; available: {', '.join(sorted(PROBES))}.")
+    lines = []
+    for name in names:
+        probe = PROBES[name]
+        lines += [f"{name}: {probe.description}"]
+        for info in probe.options.describe():
+            default = json.dumps(list(info.default) if info.is_list else info.default)
+            lines.append(f"  {info.name}: {info.type_name} = {default}")
+            lines.append(f"      {info.doc}; {info.requirement()}")
+        lines.append("")
+    lines.append(
+        "Every probe also takes models (default: every model of the config) and id "
+        "(default: the probe name; set it to run a probe twice)."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bgeom",
@@ -113,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         help="run a benchmark suite (default: the embedded digits suite)",
         description="Train the configured models, run the configured probes, and write "
-        "results, plots and report.html to a run folder. Finished steps are reused.",
+        "results, plots and report.html to a run folder. Finished steps are reused. "
+        "Run `bgeom probes` to list every probe with its options, types, defaults and "
+        "what they do.",
     )
     p.add_argument(
         "--config", default=None, help="TOML or JSON suite config (default: embedded digits suite)"
@@ -121,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _distributed_args(p)
+
+    p = sub.add_parser(
+        "probes",
+        help="list the suite probes with every option, its type, default and meaning",
+        description="Print every suite probe (or the named ones) with its one-line "
+        "description and its options: type, default, valid values and meaning. Set them "
+        "in a config's [[probes]] table.",
+    )
+    p.add_argument("names", nargs="*", help="probes to show (default: all)")
 
     p = sub.add_parser(
         "train",
@@ -167,6 +204,8 @@ def _run(args: argparse.Namespace) -> int:
         _start_distributed(args)
     if args.command == "suite":
         suite.run(args.config, args.out, progress=progress)
+    elif args.command == "probes":
+        sys.stdout.write(probes_text(args.names))
     elif args.command == "train":
         if args.out is None:
             args.out = os.path.join("runs", f"{args.dataset}-{args.model}")

@@ -7,6 +7,7 @@ import datetime
 import html
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,19 +150,35 @@ img{max-width:100%;margin:.4em 0;border:1px solid #eee}
 .meta{color:#666;font-size:.9em}
 .note{background:#fff8e1;padding:.4em .8em;border-left:3px solid #f0b400}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
+.toc{columns:2;font-size:.95em}
 """
 
 
+def _is_scalar(v: Any) -> bool:
+    """What a table cell may hold: a number, a string, a bool or None (never a list)."""
+    return v is None or isinstance(v, bool | int | float | str)
+
+
 def _fmt(v: Any) -> str:
+    """One table cell; only scalars reach here (lists stay in the JSON, NPZ and plots)."""
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, list) and all(isinstance(e, int | float) for e in v) and len(v) <= 8:
-        return ", ".join(_fmt(e) for e in v)
     return html.escape(str(v))
+
+
+def _anchor(name: str, taken: set[str]) -> str:
+    """A unique HTML id for a section titled ``name``."""
+    base = "probe-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "probe")
+    anchor, i = base, 1
+    while anchor in taken:
+        i += 1
+        anchor = f"{base}-{i}"
+    taken.add(anchor)
+    return anchor
 
 
 def _embed(path: Path) -> str:
@@ -170,15 +187,18 @@ def _embed(path: Path) -> str:
 
 
 def _summary_table(summary: dict[str, Any]) -> str:
-    """Rows: models (or other keys); columns: their scalar statistics."""
+    """Rows: models (or other keys); columns: their scalar statistics.
+
+    A column holds a statistic that is a scalar (or missing) in every row;
+    lists and nested tables are left to the JSON block and the plots.
+    """
     rows = {k: v for k, v in summary.items() if isinstance(v, dict)}
     parts = []
     if rows:
         cols: list[str] = []
         for v in rows.values():
-            for c, val in v.items():
-                scalar = not isinstance(val, dict) and not (isinstance(val, list) and len(val) > 8)
-                if scalar and c not in cols:
+            for c in v:
+                if c not in cols and all(_is_scalar(r.get(c)) for r in rows.values()):
                     cols.append(c)
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         body = "".join(
@@ -187,8 +207,9 @@ def _summary_table(summary: dict[str, Any]) -> str:
             + "</tr>"
             for k, v in rows.items()
         )
-        parts.append(f"<table><tr><th></th>{head}</tr>{body}</table>")
-    scalars = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+        if cols:
+            parts.append(f"<table><tr><th></th>{head}</tr>{body}</table>")
+    scalars = {k: v for k, v in summary.items() if _is_scalar(v)}
     if scalars:
         parts.append(
             "<table>"
@@ -200,8 +221,18 @@ def _summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _accuracy(values: list[float]) -> float | str:
+    """Test accuracy of a model for a table cell: the number, or one per ensemble member."""
+    return values[0] if len(values) == 1 else ", ".join(f"{a:.4g}" for a in values)
+
+
 def write_report(out: str | Path) -> Path:
-    """Write ``report.html`` for the run folder ``out`` from its saved results."""
+    """Write ``report.html`` for the run folder ``out`` from its saved results.
+
+    A table of contents links the models, every probe's section and the
+    config; tables hold scalars, the lists behind the plots stay in each
+    section's JSON block (and in ``results/``).
+    """
     import jax
 
     out = Path(out)
@@ -213,57 +244,22 @@ def write_report(out: str | Path) -> Path:
         f"({jax.device_count()} device(s)), Python {platform.python_version()}, "
         f"{html.escape(platform.machine())}</p>",
     ]
-    model_summaries = {}
-    for key in config["models"]:
-        path = out / "models" / key / "summary.json"
-        if path.exists():
-            model_summaries[key] = json.loads(path.read_text())
-    parts.append("<h2>Models</h2>")
-    if model_summaries:
-        rows = []
-        for s in model_summaries.values():
-            spec = s["spec"]
-            rows.append(
-                {
-                    "model": spec["model"],
-                    "activation": spec["activation"]
-                    + (f" (beta {spec['beta']})" if spec["activation"] == "softplus" else ""),
-                    "dataset": spec["dataset"],
-                    "seeds": spec["seeds"],
-                    "recipe": spec["train"].get("recipe", "default"),
-                    "test accuracy": s["test_accuracy"],
-                }
-            )
-        parts.append(_summary_table(dict(zip(model_summaries, rows, strict=True))))
-        fig = plot_training_curves({k: s["history"] for k, s in model_summaries.items()})
-        curve = out / "plots" / "training.png"
-        fig.savefig(curve, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        parts.append(_embed(curve))
-    for spec in config["probes"]:
-        path = out / "results" / f"{spec['id']}.json"
-        parts.append(f"<h2>Probe: {html.escape(spec['id'])}</h2>")
-        if not path.exists():
-            parts.append("<p class=note>Not run yet.</p>")
-            continue
-        result = json.loads(path.read_text())
-        parts.append(
-            f"<p>{html.escape(result.get('description', ''))} "
-            f"<span class=meta>({result['seconds']} s)</span></p>"
-        )
-        for note in result.get("notes", []):
-            parts.append(f"<p class=note>{html.escape(note)}</p>")
-        parts.append(_summary_table(result["summary"]))
-        for fig_file in result.get("figures", {}).values():
-            fig_path = out / "plots" / fig_file
-            if fig_path.exists():
-                parts.append(_embed(fig_path))
-        parts.append(
-            "<details><summary>All numbers (JSON)</summary><pre>"
-            + html.escape(json.dumps(result["summary"], indent=1))
-            + "</pre></details>"
-        )
-    parts.append("<h2>Config</h2><pre>" + html.escape(json.dumps(config, indent=1)) + "</pre>")
+    anchors: set[str] = set()
+    probe_anchors = [_anchor(spec["id"], anchors) for spec in config["probes"]]
+    toc = "".join(
+        f'<li><a href="#{a}">Probe: {html.escape(spec["id"])}</a></li>'
+        for spec, a in zip(config["probes"], probe_anchors, strict=True)
+    )
+    parts.append(
+        '<nav><ul class=toc><li><a href="#models">Models</a></li>'
+        f'{toc}<li><a href="#config">Config</a></li></ul></nav>'
+    )
+    parts += _models_section(out, config)
+    for spec, anchor in zip(config["probes"], probe_anchors, strict=True):
+        parts += _probe_section(out, spec, anchor)
+    parts.append(
+        '<h2 id="config">Config</h2><pre>' + html.escape(json.dumps(config, indent=1)) + "</pre>"
+    )
     page = (
         "<!doctype html><html><head><meta charset=utf-8>"
         f"<title>bgeom: {html.escape(config['name'])}</title><style>{_CSS}</style></head><body>"
@@ -273,3 +269,61 @@ def write_report(out: str | Path) -> Path:
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def _models_section(out: Path, config: dict[str, Any]) -> list[str]:
+    """The models table (one row per model) and the training curves."""
+    parts = ['<h2 id="models">Models</h2>']
+    model_summaries = {}
+    for key in config["models"]:
+        path = out / "models" / key / "summary.json"
+        if path.exists():
+            model_summaries[key] = json.loads(path.read_text())
+    if not model_summaries:
+        return parts
+    rows = {}
+    for key, s in model_summaries.items():
+        spec = s["spec"]
+        seeds = spec["seeds"]
+        rows[key] = {
+            "model": spec["model"],
+            "activation": spec["activation"]
+            + (f" (beta {spec['beta']})" if spec["activation"] == "softplus" else ""),
+            "dataset": spec["dataset"],
+            "seeds": seeds if isinstance(seeds, int) else ", ".join(str(x) for x in seeds),
+            "recipe": spec["train"].get("recipe", "default"),
+            "test accuracy": _accuracy(s["test_accuracy"]),
+        }
+    parts.append(_summary_table(rows))
+    fig = plot_training_curves({k: s["history"] for k, s in model_summaries.items()})
+    curve = out / "plots" / "training.png"
+    fig.savefig(curve, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    parts.append(_embed(curve))
+    return parts
+
+
+def _probe_section(out: Path, spec: dict[str, Any], anchor: str) -> list[str]:
+    """One probe's section: description, notes, scalar table, figures, all numbers as JSON."""
+    path = out / "results" / f"{spec['id']}.json"
+    parts = [f'<h2 id="{anchor}">Probe: {html.escape(spec["id"])}</h2>']
+    if not path.exists():
+        return parts + ["<p class=note>Not run yet.</p>"]
+    result = json.loads(path.read_text())
+    parts.append(
+        f"<p>{html.escape(result.get('description', ''))} "
+        f"<span class=meta>({result['seconds']} s)</span></p>"
+    )
+    for note in result.get("notes", []):
+        parts.append(f"<p class=note>{html.escape(note)}</p>")
+    parts.append(_summary_table(result["summary"]))
+    for fig_file in result.get("figures", {}).values():
+        fig_path = out / "plots" / fig_file
+        if fig_path.exists():
+            parts.append(_embed(fig_path))
+    parts.append(
+        "<details><summary>All numbers (JSON)</summary><pre>"
+        + html.escape(json.dumps(result["summary"], indent=1))
+        + "</pre></details>"
+    )
+    return parts

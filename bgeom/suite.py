@@ -1,9 +1,10 @@
 """The benchmark-suite runner: a config in, a run folder out.
 
 A config names datasets, models (each trained on one dataset) and probes. A
-probe is one registered function ``probe(ctx, spec) -> ProbeOutput``; add one
-with ``@register_probe("name", option=default, ...)`` and it becomes usable in
-configs, is validated, cached and shown in the report.
+probe is one registered function ``probe(ctx, opts, *, probe_id, models) ->
+ProbeOutput`` with a typed options dataclass (``bgeom.probes.base``; `bgeom
+probes` lists them): it becomes usable in configs, is validated, cached and
+shown in the report. See docs/suite.md.
 
 Run folder layout::
 
@@ -15,15 +16,14 @@ Run folder layout::
     report.html                 self-contained report (images embedded)
 
 Re-running reuses every finished step: a model whose checkpoint is complete is
-loaded, a probe whose fingerprint (its spec plus the specs of its models and
-datasets) is unchanged is not recomputed. An interrupted training resumes at
-the step it stopped at.
+loaded, a probe whose fingerprint (its resolved options plus the specs of its
+models and datasets) is unchanged is not recomputed. An interrupted training
+resumes at the step it stopped at.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import time
@@ -36,9 +36,21 @@ import jax
 import numpy as np
 
 from bgeom import augment as augment_lib
-from bgeom import data as data_lib
 from bgeom import models as models_lib
 from bgeom import train as train_lib
+
+# Importing the probes package registers every probe in PROBES.
+from bgeom.probes import base as _base
+from bgeom.probes.base import (  # noqa: F401  (re-exported: bgeom.suite.<name> keeps working)
+    PROBES,
+    Member,
+    Probe,
+    ProbeOptions,
+    ProbeOutput,
+    SuiteContext,
+    option,
+    register_probe,
+)
 
 # The embedded default: digits, three small models, DeepFool margins. Runs in
 # about a minute on 2 CPU cores.
@@ -92,49 +104,6 @@ _MODEL_KEYS = {"dataset", "model", "activation", "beta", "seeds", "train", "opti
 _DATASET_KEYS = {"name", "size", "data_dir", "max_train", "max_test", "options"}
 
 
-@dataclasses.dataclass
-class ProbeOutput:
-    """What a probe returns: numbers for the summary, arrays, and figures.
-
-    Attributes:
-      summary: JSON-serialisable numbers (every number behind every plot).
-      arrays: named NumPy arrays saved to ``results/<probe>.npz``.
-      figures: named matplotlib figures saved as PNG and embedded in the report.
-      notes: sentences for the report (caveats, what was skipped and why).
-    """
-
-    summary: dict[str, Any]
-    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(frozen=True)
-class Probe:
-    name: str
-    fn: Callable[[SuiteContext, dict], ProbeOutput]
-    defaults: dict[str, Any]
-    description: str
-
-
-PROBES: dict[str, Probe] = {}
-
-
-def register_probe(name: str, **defaults: Any) -> Callable:
-    """Register ``fn(ctx, spec) -> ProbeOutput`` as the suite probe ``name``.
-
-    ``defaults`` are the probe's options; a config may override them and any
-    other key is rejected. Every probe also takes ``models`` (default: all).
-    """
-
-    def decorator(fn: Callable) -> Callable:
-        doc = (fn.__doc__ or "").strip().splitlines()
-        PROBES[name] = Probe(name, fn, dict(defaults), doc[0] if doc else name)
-        return fn
-
-    return decorator
-
-
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -178,173 +147,77 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     models = config.get("models") or {}
     if not models:
         raise ValueError("The config needs at least one entry under [models].")
-    out["models"] = {}
-    for key, spec in models.items():
-        bad = set(spec) - _MODEL_KEYS
-        if bad:
-            raise ValueError(
-                f"models.{key}: unknown key(s) {sorted(bad)}; valid: {sorted(_MODEL_KEYS)}."
-            )
-        spec = dict(spec)
-        if spec.get("model") not in models_lib.MODELS:
-            raise ValueError(
-                f"models.{key}: unknown model {spec.get('model')!r}; choose one of "
-                f"{', '.join(models_lib.MODELS)}."
-            )
-        if spec.get("dataset") not in out["datasets"]:
-            raise ValueError(
-                f"models.{key}: dataset {spec.get('dataset')!r} is not defined under [datasets]."
-            )
-        spec.setdefault("activation", "relu")
-        spec.setdefault("beta", 1.0)
-        spec.setdefault("seeds", 0)
-        spec.setdefault("options", {})
-        spec.setdefault("augment", None)
-        augment_lib.get(spec["augment"])  # validates the training transform
-        models_lib.get_activation(spec["activation"], spec["beta"])
-        train_spec = dict(spec.get("train") or {})
-        recipe_name = train_spec.pop("recipe", "default")
-        train_lib.recipe(recipe_name, **train_spec)  # validates
-        spec["train"] = {"recipe": recipe_name, **train_spec}
-        out["models"][key] = spec
-    probes = config.get("probes") or []
-    out["probes"] = []
+    out["models"] = {
+        key: _resolve_model(key, spec, out["datasets"]) for key, spec in models.items()
+    }
+    out["probes"] = _resolve_probes(config.get("probes") or [], list(out["models"]))
+    return out
+
+
+def _resolve_model(key: str, spec: dict[str, Any], datasets: dict[str, Any]) -> dict[str, Any]:
+    """One [models] entry, checked, with every default filled in."""
+    bad = set(spec) - _MODEL_KEYS
+    if bad:
+        raise ValueError(
+            f"models.{key}: unknown key(s) {sorted(bad)}; valid: {sorted(_MODEL_KEYS)}."
+        )
+    spec = dict(spec)
+    if spec.get("model") not in models_lib.MODELS:
+        raise ValueError(
+            f"models.{key}: unknown model {spec.get('model')!r}; choose one of "
+            f"{', '.join(models_lib.MODELS)}."
+        )
+    if spec.get("dataset") not in datasets:
+        raise ValueError(
+            f"models.{key}: dataset {spec.get('dataset')!r} is not defined under [datasets]."
+        )
+    spec.setdefault("activation", "relu")
+    spec.setdefault("beta", 1.0)
+    spec.setdefault("seeds", 0)
+    spec.setdefault("options", {})
+    spec.setdefault("augment", None)
+    augment_lib.get(spec["augment"])  # validates the training transform
+    models_lib.get_activation(spec["activation"], spec["beta"])
+    train_spec = dict(spec.get("train") or {})
+    recipe_name = train_spec.pop("recipe", "default")
+    train_lib.recipe(recipe_name, **train_spec)  # validates
+    spec["train"] = {"recipe": recipe_name, **train_spec}
+    return spec
+
+
+def _resolve_probes(probes: list[Any], model_keys: list[str]) -> list[dict[str, Any]]:
+    """The [[probes]] tables, checked against each probe's options, with every option listed."""
+    out = []
     seen = set()
     for i, spec in enumerate(probes):
+        if not isinstance(spec, dict):
+            raise ValueError(f'probes[{i}]: a probe is a table with probe = "<name>".')
         spec = dict(spec)
         name = spec.pop("probe", None)
         if name not in PROBES:
             raise ValueError(
-                f"probes[{i}]: unknown probe {name!r}; available: {', '.join(sorted(PROBES))}."
+                f"probes[{i}]: unknown probe {name!r}; available: {', '.join(sorted(PROBES))} "
+                "(`bgeom probes` lists them with their options)."
             )
-        probe = PROBES[name]
         label = spec.pop("id", name)
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"probes[{i}] ({name}): id must be a non-empty string.")
         if label in seen:
             raise ValueError(f"probes[{i}]: two probes are called {label!r}; give one an id.")
         seen.add(label)
-        models_used = spec.pop("models", list(out["models"]))
+        models_used = spec.pop("models", list(model_keys))
+        if isinstance(models_used, str) or not isinstance(models_used, list | tuple):
+            raise ValueError(f"probes[{i}] ({name}): models must be a list of model names.")
+        if not models_used:
+            raise ValueError(f"probes[{i}] ({name}): models is empty; name at least one model.")
         for m in models_used:
-            if m not in out["models"]:
+            if m not in model_keys:
                 raise ValueError(
                     f"probes[{i}] ({name}): model {m!r} is not defined under [models]."
                 )
-        bad = set(spec) - set(probe.defaults)
-        if bad:
-            raise ValueError(
-                f"probes[{i}] ({name}): unknown option(s) {sorted(bad)}; valid: "
-                f"{sorted(probe.defaults)}."
-            )
-        out["probes"].append(
-            {"probe": name, "id": label, "models": list(models_used), **probe.defaults, **spec}
-        )
+        options = PROBES[name].options.from_spec(spec, f"probes[{i}] ({name})")
+        out.append({"probe": name, "id": label, "models": list(models_used), **options.to_spec()})
     return out
-
-
-class SuiteContext:
-    """What a probe sees: the datasets, the trained models, the output folder."""
-
-    def __init__(self, config: dict[str, Any], out: Path, progress: bool = True):
-        self.config = config
-        self.out = out
-        self.progress = progress
-        # The mesh ctx.map sweeps over; None: every device of every process.
-        self.mesh = None
-        self._datasets: dict[str, data_lib.Dataset] = {}
-        self._models: dict[str, train_lib.TrainResult] = {}
-
-    def dataset(self, key: str) -> data_lib.Dataset:
-        """The dataset defined as ``key`` in the config (loaded once)."""
-        if key not in self._datasets:
-            spec = dict(self.config["datasets"][key])
-            options = spec.pop("options", {}) or {}
-            name = spec.pop("name")
-            if name == "synthetic" and "shape" in options:
-                options = {**options, "shape": tuple(options["shape"])}
-            self._datasets[key] = data_lib.load(name, **spec, **options)
-        return self._datasets[key]
-
-    def model_dataset(self, model_key: str) -> data_lib.Dataset:
-        return self.dataset(self.config["models"][model_key]["dataset"])
-
-    def model(self, key: str) -> train_lib.TrainResult:
-        """The model defined as ``key``, trained on first use (or loaded if finished)."""
-        if key not in self._models:
-            spec = self.config["models"][key]
-            train_spec = dict(spec["train"])
-            config = train_lib.recipe(train_spec.pop("recipe"), **train_spec)
-            folder = self.out / "models" / key
-            seeds = spec["seeds"]
-            result = train_lib.fit(
-                spec["model"],
-                self.model_dataset(key),
-                config=config,
-                seeds=seeds if isinstance(seeds, int) else list(seeds),
-                checkpoint_dir=folder,
-                progress=self.progress,
-                name=key,
-                transform=augment_lib.get(spec.get("augment")),
-                activation=spec["activation"],
-                beta=spec["beta"],
-                **spec["options"],
-            )
-            summary = {
-                "model": key,
-                "spec": spec,
-                "test_accuracy": np.atleast_1d(result.test_accuracy).tolist(),
-                "history": {k: v.tolist() for k, v in result.history.items()},
-            }
-            if _is_writer():  # in a multi-process run only process 0 writes
-                (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-            self._models[key] = result
-        return self._models[key]
-
-    def test_inputs(self, key: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``n`` test images of model ``key``'s dataset, as the model sees them.
-
-        Models trained with a transform that maps inputs (``augment = "flip"``,
-        ``low_pass``) are probed on the mapped images, as in "Hold me tight!".
-        """
-        data = self.model_dataset(key)
-        n = len(data.x_test) if n is None else min(int(n), len(data.x_test))
-        x, y = data.x_test[:n], data.y_test[:n]
-        inputs = self.model(key).inputs
-        if inputs is not None:
-            x = np.asarray(inputs(x))
-        return x, y
-
-    def members(self, key: str) -> list[tuple[Callable, Any]]:
-        """``(apply_fn, params)`` of every member of model ``key`` (one unless an ensemble)."""
-        result = self.model(key)
-        return [result.member(i) for i in range(len(result.seeds))]
-
-    def map(
-        self,
-        fn: Callable,
-        *args: Any,
-        in_axes: tuple[int | None, ...] | int = 0,
-        batch_size: int = 128,
-        desc: str = "",
-    ) -> Any:
-        """``jax.jit(jax.vmap(fn, in_axes))(*args)`` through ``bgeom.sweep``, with progress.
-
-        Arguments with ``in_axes`` 0 are mapped over their leading axis, split
-        over every device (and every process of a multi-process run) and
-        chunked ``batch_size`` examples at a time; those with ``None``
-        (parameters) are passed whole and replicated. One compiled function
-        serves every chunk; the padding of the last chunk is dropped. Returns
-        NumPy arrays, the whole result on every process.
-        """
-        from bgeom.sharding import sweep
-
-        return sweep(
-            fn,
-            *args,
-            in_axes=in_axes,
-            mesh=self.mesh,
-            batch_size=batch_size,
-            progress=self.progress,
-            desc=desc,
-        )
 
 
 def _probe_fingerprint(config: dict[str, Any], spec: dict[str, Any]) -> str:
@@ -395,7 +268,6 @@ def run(
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from bgeom import report
     from bgeom.sharding import on_process_zero, process_info
@@ -433,61 +305,65 @@ def run(
         log(f"model {key}: test accuracy {acc} ({time.time() - t0:.1f}s)")
 
     for spec in config["probes"]:
-        probe = PROBES[spec["probe"]]
-        fingerprint = _probe_fingerprint(config, spec)
-        result_path = out / "results" / f"{spec['id']}.json"
-
-        def finished(result_path: Path = result_path, fingerprint: str = fingerprint) -> bool:
-            if not result_path.exists():
-                return False
-            return json.loads(result_path.read_text()).get("fingerprint") == fingerprint
-
-        # Process 0 decides, so that every process skips or runs the same probes.
-        if on_process_zero(finished, f"reuse {spec['id']}"):
-            log(f"probe {spec['id']}: reused finished results")
-            continue
-        t0 = time.time()
-        output = probe.fn(ctx, spec)
-
-        def write(spec=spec, probe=probe, output=output, t0=t0, fingerprint=fingerprint):
-            figures = {}
-            for fig_name, fig in output.figures.items():
-                path = out / "plots" / f"{spec['id']}-{fig_name}.png"
-                fig.savefig(path, dpi=110, bbox_inches="tight")
-                figures[fig_name] = path.name
-            if output.arrays:
-                np.savez_compressed(out / "results" / f"{spec['id']}.npz", **output.arrays)
-            _save_json(
-                out / "results" / f"{spec['id']}.json",
-                {
-                    "probe": spec["probe"],
-                    "id": spec["id"],
-                    "description": probe.description,
-                    "spec": spec,
-                    "fingerprint": fingerprint,
-                    "seconds": round(time.time() - t0, 2),
-                    "summary": output.summary,
-                    "figures": figures,
-                    "notes": output.notes,
-                },
-            )
-
-        try:
-            on_process_zero(write, f"write {spec['id']}")
-        finally:
-            for fig in output.figures.values():
-                plt.close(fig)
-        log(f"probe {spec['id']}: done ({time.time() - t0:.1f}s)")
+        _run_probe(ctx, spec, log)
 
     report_path = Path(on_process_zero(lambda: str(report.write_report(out)), "report"))
     log(f"suite {config['name']} finished in {time.time() - started:.1f}s; report: {report_path}")
     return report_path
 
 
-def _is_writer() -> bool:
-    from bgeom.sharding import process_info
+def _run_probe(ctx: SuiteContext, spec: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Run one resolved probe entry and write its results, unless they are finished."""
+    import matplotlib.pyplot as plt
 
-    return process_info().index == 0
+    from bgeom.sharding import on_process_zero
+
+    out = ctx.out
+    probe = PROBES[spec["probe"]]
+    fingerprint = _probe_fingerprint(ctx.config, spec)
+    result_path = out / "results" / f"{spec['id']}.json"
+
+    def finished() -> bool:
+        if not result_path.exists():
+            return False
+        return json.loads(result_path.read_text()).get("fingerprint") == fingerprint
+
+    # Process 0 decides, so that every process skips or runs the same probes.
+    if on_process_zero(finished, f"reuse {spec['id']}"):
+        log(f"probe {spec['id']}: reused finished results")
+        return
+    t0 = time.time()
+    output = probe.run(ctx, spec)
+
+    def write() -> None:
+        figures = {}
+        for fig_name, fig in output.figures.items():
+            path = out / "plots" / f"{spec['id']}-{fig_name}.png"
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            figures[fig_name] = path.name
+        if output.arrays:
+            np.savez_compressed(out / "results" / f"{spec['id']}.npz", **output.arrays)
+        _save_json(
+            result_path,
+            {
+                "probe": spec["probe"],
+                "id": spec["id"],
+                "description": probe.description,
+                "spec": spec,
+                "fingerprint": fingerprint,
+                "seconds": round(time.time() - t0, 2),
+                "summary": _base.json_safe(output.summary),
+                "figures": figures,
+                "notes": output.notes,
+            },
+        )
+
+    try:
+        on_process_zero(write, f"write {spec['id']}")
+    finally:
+        for fig in output.figures.values():
+            plt.close(fig)
+    log(f"probe {spec['id']}: done ({time.time() - t0:.1f}s)")
 
 
 def _train_in_child(out: Path, progress: bool) -> None:
@@ -519,8 +395,3 @@ def _train_models(out: str | Path, progress: str = "1") -> None:
     ctx = SuiteContext(config, out, progress == "1")
     for key in config["models"]:
         ctx.model(key)
-
-
-# The probes live in bgeom/probes/, one module each; importing the package
-# registers them. Imported last because they import this module.
-from bgeom import probes as _probes  # noqa: E402, F401

@@ -31,3 +31,56 @@ def affine_margin(params, x, candidates: int, overshoot: float) -> tuple[float, 
     dists = {int(k): abs(f[k] - f[k0]) / np.linalg.norm(W[k] - W[k0]) for k in order[1:]}
     k = min(dists, key=dists.get)
     return (1.0 + overshoot) * (dists[k] + 1e-4), k
+
+
+# ------------------------------------------------------------------ tiny suite configs
+
+
+def tiny_dataset(**spec) -> dict:
+    """A digits subset for a test (300 training, 40 test images); ``spec`` overrides."""
+    return {"name": "digits", "max_train": 300, "max_test": 40, **spec}
+
+
+def tiny_model(dataset: str = "d", **spec) -> dict:
+    """A one-hidden-layer MLP (16 units) trained for 2 epochs on ``dataset``; ``spec`` overrides."""
+    return {
+        "dataset": dataset,
+        "model": "mlp",
+        "options": {"hidden": [16]},
+        "train": {"epochs": 2, "batch_size": 32},
+        **spec,
+    }
+
+
+def tiny_config(*probes: dict, name: str = "tiny", datasets=None, models=None) -> dict:
+    """The suite config of a test: ``probes`` on ``models`` (default: one tiny MLP "m") trained
+    on ``datasets`` (default: one tiny digits subset "d")."""
+    return {
+        "name": name,
+        "datasets": datasets if datasets is not None else {"d": tiny_dataset()},
+        "models": models if models is not None else {"m": tiny_model()},
+        "probes": list(probes),
+    }
+
+
+def to_toml(config: dict) -> str:
+    """A suite config as TOML (tables of datasets and models, an array of probe tables)."""
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(e) for e in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(e)}" for k, e in v.items()) + " }"
+        return repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in config.items() if not isinstance(v, dict | list)]
+    for section in ("datasets", "models"):
+        for key, spec in config.get(section, {}).items():
+            lines += ["", f'[{section}."{key}"]'] + [f"{k} = {value(v)}" for k, v in spec.items()]
+    for probe in config.get("probes", []):
+        lines += ["", "[[probes]]"] + [f"{k} = {value(v)}" for k, v in probe.items()]
+    return "\n".join(lines) + "\n"

@@ -5,28 +5,14 @@ import subprocess
 import sys
 
 import pytest
+from helpers import tiny_config, tiny_dataset, tiny_model, to_toml
 
-TINY = """
-name = "tiny"
-[datasets.d]
-name = "digits"
-max_train = 200
-max_test = 40
-
-[models.m]
-dataset = "d"
-model = "mlp"
-activation = "softplus"
-beta = 4.0
-options = { hidden = [32] }
-train = { epochs = 2, batch_size = 32 }
-
-[[probes]]
-probe = "margins"
-samples = 24
-batch_size = 16
-examples = 2
-"""
+TINY_CONFIG = tiny_config(
+    {"probe": "margins", "samples": 24, "batch_size": 16, "examples": 2},
+    datasets={"d": tiny_dataset(max_train=200)},
+    models={"m": tiny_model(activation="softplus", beta=4.0, options={"hidden": [32]})},
+)
+TINY = to_toml(TINY_CONFIG)
 
 
 def bgeom(*args, cwd=None):
@@ -73,6 +59,9 @@ def test_suite_writes_a_complete_run_folder(tiny_run):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4  # self-contained
     assert "margins" in html and "test accuracy" in html
+    # A table of contents links every section.
+    for anchor in ("models", "probe-margins", "config"):
+        assert f'href="#{anchor}"' in html and f'id="{anchor}"' in html
 
 
 def test_rerun_reuses_finished_steps(tiny_run):
@@ -129,16 +118,23 @@ def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path):
 
 def test_bad_config_is_rejected(tmp_path):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text(TINY.replace('probe = "margins"', 'probe = "margins"\nsamplez = 3'))
+    probe = {**TINY_CONFIG["probes"][0], "samplez": 3}
+    cfg.write_text(to_toml({**TINY_CONFIG, "probes": [probe]}))
     res = bgeom("suite", "--config", str(cfg), "--out", str(tmp_path / "o"))
     assert res.returncode == 2
     assert "unknown option(s) ['samplez']" in res.stderr
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["suite"], ["train"], ["margins"], ["prepare"], ["report"]]
+    "command", [[], ["suite"], ["train"], ["margins"], ["prepare"], ["report"], ["probes"]]
 )
 def test_help(command):
     res = bgeom(*command, "--help")
     assert res.returncode == 0
     assert "usage:" in res.stdout
+
+
+def test_suite_help_points_to_the_probe_listing():
+    res = bgeom("suite", "--help")
+    assert res.returncode == 0
+    assert "bgeom probes" in " ".join(res.stdout.split())

@@ -1,29 +1,17 @@
-"""The "Hold me tight!" experiments: training transforms, synthetic invariance, the flip mirror,
-and the suite probe end to end."""
+"""The "Hold me tight!" experiments: flip training, synthetic invariance, the flip mirror.
+
+The training transforms are tested in test_augment.py, the suite probe in test_probes.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from helpers import tiny_config
 
 import bgeom
 from bgeom import augment, data, suite, train
 from bgeom import subspaces as S
 from bgeom.probes.invariance import spearman
-
-
-def test_pgd_stays_in_the_ball_and_the_box_and_raises_the_loss():
-    w = jax.random.normal(jax.random.PRNGKey(0), (3, 36))
-    logits_fn = lambda xb: xb.reshape(len(xb), -1) @ w.T
-    x = jax.random.uniform(jax.random.PRNGKey(1), (8, 6, 6, 1))
-    y = jnp.argmax(logits_fn(x), -1)
-    adv = augment.pgd_l2(logits_fn, jax.random.PRNGKey(2), x, y, eps=0.5, steps=10)
-    norms = jnp.linalg.norm((adv - x).reshape(8, -1), axis=1)
-    assert float(norms.max()) <= 0.5 * (1 + 1e-5)
-    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
-    ce = lambda xb: optax.softmax_cross_entropy_with_integer_labels(logits_fn(xb), y)
-    assert bool(jnp.all(ce(adv) > ce(x)))
 
 
 def test_flip_training_evaluates_on_flipped_inputs(digits):
@@ -41,16 +29,6 @@ def test_flip_training_evaluates_on_flipped_inputs(digits):
     flipped = np.asarray(S.flip(small.x_test))
     acc = train.evaluate(result.apply_fn, result.params, flipped, small.y_test)
     np.testing.assert_allclose(result.test_accuracy[0], acc, atol=1e-6)
-
-
-def test_transform_names_and_bad_options():
-    assert isinstance(augment.get("flip"), augment.Flip)
-    assert augment.get({"name": "low_pass", "bandwidth": 4}).bandwidth == 4
-    assert augment.get({"name": "pgd", "eps": 1.0, "bounds": [0, 1]}).bounds == (0.0, 1.0)
-    with pytest.raises(ValueError, match="Unknown training transform"):
-        augment.get("mixup")
-    with pytest.raises(ValueError, match="unknown option"):
-        augment.get({"name": "pgd", "radius": 1.0})
 
 
 def test_synthetic_margin_along_u_is_eps_and_orthogonal_margins_are_much_larger():
@@ -93,43 +71,7 @@ def test_flipped_model_profile_mirrors_the_standard_one():
     assert rho >= 0.8
 
 
-TINY = {
-    "name": "tiny-invariance",
-    "datasets": {
-        "d": {"name": "digits", "max_train": 300, "max_test": 20},
-        "s": {"name": "synthetic", "options": {"shape": [8, 8, 1], "n_train": 200, "n_test": 20}},
-    },
-    "models": {
-        "plain": {"dataset": "d", "model": "mlp", "train": {"epochs": 2, "batch_size": 32}},
-        "flip": {
-            "dataset": "d",
-            "model": "mlp",
-            "augment": "flip",
-            "train": {"epochs": 2, "batch_size": 32},
-        },
-        "synth": {"dataset": "s", "model": "mlp", "train": {"epochs": 2, "batch_size": 32}},
-    },
-    "probes": [{"probe": "invariance", "samples": 6, "block": 2, "max_iter": 30}],
-}
-
-
-def test_invariance_probe_writes_every_number_behind_its_plots(tmp_path):
-    suite.run(TINY, tmp_path, progress=False, log=lambda s: None)
-    import json
-
-    result = json.loads((tmp_path / "results" / "invariance.json").read_text())
-    summary = result["summary"]
-    assert len(summary["plain"]["median"]) == 7 and summary["flip"]["augment"] == "flip"
-    assert "plain vs reversed flip" in summary["mirror_spearman"]
-    assert "median_margin_along_u" in summary["synth"]["synthetic"]
-    assert set(result["figures"]) == {"profile", "synthetic", "inputs"}
-    for name in result["figures"].values():
-        assert (tmp_path / "plots" / name).stat().st_size > 1000
-    arrays = np.load(tmp_path / "results" / "invariance.npz")
-    assert arrays["plain/margin"].shape == (1, 6, 7)
-
-
 def test_bad_augment_in_a_config_is_a_clear_error():
-    bad = {**TINY, "models": {"m": {"dataset": "d", "model": "mlp", "augment": "cutout"}}}
+    bad = tiny_config(models={"m": {"dataset": "d", "model": "mlp", "augment": "cutout"}})
     with pytest.raises(ValueError, match="Unknown training transform"):
         suite.validate_config(bad)

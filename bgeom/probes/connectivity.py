@@ -1,16 +1,17 @@
 """Suite probe "connectivity": are two points of a class joined inside its region?
 
-SPEC.md section 3. For each model: pairs of the three kinds of
-``bgeom.paths.PAIR_KINDS`` (two natural test images of a class; a natural image
-and an image of another class pushed into it by targeted DeepFool; two such
-pushed images), a path search for every pair (``bgeom.paths.find_paths``, the
-pairs split over processes in a multi-process run), and
-the 2-D plane through x1, x2 and the first anchor of a few paths, coloured by
-the model's label.
+Method: docs/connectivity.md. For every model member: pairs of the three kinds
+of ``bgeom.paths.PAIR_KINDS`` (two natural test images of a class; a natural
+image and an image of another class pushed into it by targeted DeepFool; two
+such pushed images), a path search for every pair (``bgeom.paths.find_paths``,
+the pairs split over processes in a multi-process run), and the 2-D plane
+through x1, x2 and the first anchor of a few paths, coloured by the model's
+label.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -18,28 +19,63 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bgeom.boundary import DeepFoolOptions
 from bgeom.paths import PAIR_KINDS, STATUS_NAMES, find_paths, make_pairs
+from bgeom.probes import base
+from bgeom.probes.base import Member, ProbeOptions, ProbeOutput, SuiteContext, option
 from bgeom.sharding import split_over_processes
-from bgeom.suite import ProbeOutput, SuiteContext, register_probe
+
+# The per-pair results kept as arrays <name>/<field> (PathResult's converged is saved as
+# "connected").
+_FIELDS = (
+    "connected",
+    "num_anchors",
+    "length_ratio",
+    "straight_ok",
+    "status",
+    "segments_tested",
+    "segments_crossing",
+    "distance",
+    "label",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectivityOptions(ProbeOptions):
+    """Options of the connectivity probe (docs/connectivity.md)."""
+
+    pairs: int = option(12, "pairs per kind and model member", ge=1)
+    kinds: tuple[str, ...] = option(PAIR_KINDS, "pair kinds to draw", choices=PAIR_KINDS)
+    max_anchors: int = option(31, "most anchors of one path", ge=0)
+    max_depth: int = option(10, "most halvings of a segment", ge=0)
+    samples: int = option(100, "points tested on each segment during the search", ge=3)
+    verify_samples: int = option(128, "points re-tested on each final segment", ge=100)
+    overshoot: float = option(0.02, "overshoot of the targeted DeepFool pushes", ge=0)
+    max_iter: int = option(50, "most steps of a targeted DeepFool push", ge=0)
+    batch: int = option(16, "pending segments tested together by find_paths", ge=1)
+    batch_size: int = option(128, "images per compiled batch (labels, pushes, planes)", ge=1)
+    examples: int = option(3, "paths drawn in their plane per member", ge=0)
+    grid: int = option(41, "side of the label grid of each plane", ge=1)
+    seed: int = option(0, "seed of the pair draw")
 
 
 def _stats(res: dict[str, np.ndarray], requested: int, made: int) -> dict[str, Any]:
-    """Summary numbers of the paths of one model and pair kind."""
+    """Summary numbers of the paths of one member and pair kind."""
     connected = res["connected"]
     anchors = res["num_anchors"][connected]
     ratio = res["length_ratio"][connected]
     tested = int(res["segments_tested"].sum())
-    out: dict[str, Any] = {
+    return {
         "pairs_requested": requested,
         "pairs": int(len(connected)),
         "pushes_failed": requested - made,
-        "connected_fraction": float(connected.mean()) if len(connected) else None,
+        "connected_fraction": base.fraction(connected),
         "not_connected": int((~connected).sum()),
         # The straight segment x1 -> x2 leaves the class (dense re-sampling).
-        "straight_leaves_fraction": float((~res["straight_ok"]).mean()) if len(connected) else None,
-        "median_anchors": float(np.median(anchors)) if anchors.size else None,
+        "straight_leaves_fraction": base.fraction(~res["straight_ok"]),
+        "median_anchors": base.median(anchors),
         "max_anchors": int(anchors.max()) if anchors.size else None,
-        "median_length_ratio": float(np.median(ratio)) if ratio.size else None,
+        "median_length_ratio": base.median(ratio),
         "max_length_ratio": float(ratio.max()) if ratio.size else None,
         "segments_tested": tested,
         # Of every segment the search tested (straight ones and sub-segments).
@@ -52,7 +88,6 @@ def _stats(res: dict[str, np.ndarray], requested: int, made: int) -> dict[str, A
             STATUS_NAMES[s]: int(c) for s, c in enumerate(np.bincount(res["status"])) if c
         },
     }
-    return out
 
 
 def _plane(points: np.ndarray, num_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -98,167 +133,173 @@ def plane_grid(
     return info, images.reshape((-1,) + x1.shape).astype(x1.dtype)
 
 
-@register_probe(
-    "connectivity",
-    pairs=12,
-    kinds=list(PAIR_KINDS),
-    max_anchors=31,
-    max_depth=10,
-    samples=100,
-    verify_samples=128,
-    overshoot=0.02,
-    max_iter=50,
-    batch=16,
-    batch_size=128,
-    examples=3,
-    grid=41,
-    seed=0,
-)
-def connectivity_probe(ctx: SuiteContext, spec: dict[str, Any]) -> ProbeOutput:
+@base.register_probe("connectivity", ConnectivityOptions)
+def connectivity_probe(
+    ctx: SuiteContext, opts: ConnectivityOptions, *, probe_id: str, models: tuple[str, ...]
+) -> ProbeOutput:
     """Connectivity of class regions: paths between same-class points that never leave the class."""
-    summary: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    notes: list[str] = []
-    figures: dict[str, Any] = {}
-    kinds = list(spec["kinds"])
-    for k in kinds:
-        if k not in PAIR_KINDS:
-            raise ValueError(f"connectivity: unknown pair kind {k!r}; choose from {PAIR_KINDS}.")
-    per_model: dict[str, dict[str, dict[str, np.ndarray]]] = {}
-    for key in spec["models"]:
-        members = ctx.members(key)
-        if len(members) > 1:
-            notes.append(f"{key}: an ensemble of {len(members)}; only member 0 is analysed.")
-        apply_fn, params = members[0]
-        x, _ = ctx.test_inputs(key)
-        predict = lambda p, xi, apply_fn=apply_fn: jnp.argmax(apply_fn(p, xi)).astype(jnp.int32)
-
-        def mapper(fn, *args, in_axes, desc=f"connectivity {key}"):
-            return ctx.map(fn, *args, in_axes=in_axes, batch_size=spec["batch_size"], desc=desc)
-
-        labels = np.asarray(mapper(predict, params, x, in_axes=(None, 0)))
-        pairs = make_pairs(
-            jax.random.PRNGKey(int(spec["seed"])),
-            apply_fn,
-            params,
-            x,
-            int(spec["pairs"]),
-            tuple(kinds),
-            labels=labels,
-            overshoot=spec["overshoot"],
-            max_iter=spec["max_iter"],
-            map_fn=mapper,
-        )
-        v = pairs.valid
-        # One pooled search over all pairs of all kinds (find_paths, not ctx.map:
-        # a vmap over pairs would make every pair wait for the hardest one); in a
-        # multi-process run each process searches its share of the pairs.
-        search = functools.partial(
-            find_paths,
-            apply_fn,
-            params,
-            batch=int(spec["batch"]),
-            max_anchors=int(spec["max_anchors"]),
-            max_depth=int(spec["max_depth"]),
-            samples=int(spec["samples"]),
-            verify_samples=int(spec["verify_samples"]),
-            overshoot=spec["overshoot"],
-            max_iter=int(spec["max_iter"]),
-        )
-        res = split_over_processes(search, pairs.x1[v], pairs.x2[v])
-        res = {f: np.asarray(getattr(res, f)) for f in res._fields}
-        kind = pairs.kind[v]
-        for field in (
-            "connected",
-            "num_anchors",
-            "length_ratio",
-            "straight_ok",
-            "status",
-            "segments_tested",
-            "segments_crossing",
-            "distance",
-            "label",
-        ):
-            arrays[f"{key}/{field}"] = res[field]
-        arrays[f"{key}/kind"] = kind
-        per_model[key] = {}
-        made_all = int(v.sum())
-        summary[f"{key}/all"] = _stats(
-            {f: a for f, a in res.items() if f != "points"},
-            int(spec["pairs"]) * len(kinds),
-            made_all,
-        )
-        for k in kinds:
-            ki = PAIR_KINDS.index(k)
-            sel = {f: a[kind == ki] for f, a in res.items() if f != "points"}
-            made = int(np.sum(v & (pairs.kind == ki)))
-            per_model[key][k] = sel
-            summary[f"{key}/{k}"] = _stats(sel, int(spec["pairs"]), made)
-            if made < int(spec["pairs"]):
-                notes.append(
-                    f"{key}/{k}: targeted DeepFool did not move {int(spec['pairs']) - made} "
-                    "source image(s) into the target class; those pairs are left out."
-                )
-        failed = ~res["connected"]
-        if failed.any():
-            reasons = {
-                STATUS_NAMES[s]: int(c)
-                for s, c in enumerate(np.bincount(res["status"][failed]))
-                if c
-            }
-            notes.append(
-                f"{key}: {int(failed.sum())} of {len(failed)} pairs have no verified path "
-                f"({reasons}). "
-                "max_anchors / max_depth mean the search budget ran out (undecided), "
-                "not that the region is disconnected."
-            )
-
-        # Planes through x1, x2 and the first anchor of a few paths with anchors.
-        with_anchor = np.flatnonzero(res["connected"] & (res["num_anchors"] >= 1))
-        pick = _spread(with_anchor, kind, int(spec["examples"]))
-        planes, grids = [], []
-        for i in pick:
-            made_plane = plane_grid(res["points"][i], int(res["num_points"][i]), int(spec["grid"]))
-            if made_plane is None:
-                continue
-            plane, points = made_plane
-            plane.update(
-                pair=int(i),
-                kind=PAIR_KINDS[int(kind[i])],
-                label=int(res["label"][i]),
-                anchors=int(res["num_anchors"][i]),
-                length_ratio=float(res["length_ratio"][i]),
-            )
-            planes.append(plane)
-            grids.append(points)
-        if planes:
-            # All grids in one batched call: one compilation per model.
-            labs = np.asarray(
-                mapper(predict, params, np.concatenate(grids), in_axes=(None, 0), desc="planes")
-            ).reshape(len(planes), int(spec["grid"]), int(spec["grid"]))
-            for j, (plane, lab) in enumerate(zip(planes, labs, strict=True)):
-                plane["map"] = lab
-                arrays[f"{key}/plane{j}/labels"] = lab
-                arrays[f"{key}/plane{j}/path"] = np.asarray(plane["path"])
-        if planes:
-            figures[f"planes-{key}"] = plot_planes(planes, key, ctx.model_dataset(key).num_classes)
-            summary[f"{key}/all"]["planes"] = {
-                f"example{j}": {k2: v2 for k2, v2 in p.items() if k2 != "map"}
-                for j, p in enumerate(planes)
-            }
-        else:
-            notes.append(
-                f"{key}: no connected path needed an anchor, so there is no plane through a "
-                "first anchor to draw."
-            )
-    figures["summary"] = plot_summary(per_model, kinds)
-    notes.append(
+    out = ProbeOutput(summary={})
+    per_member: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for member in ctx.all_members(models):
+        per_member[member.name] = _analyse_member(ctx, opts, member, out)
+    out.figures["summary"] = plot_summary(per_member, list(opts.kinds))
+    out.notes.append(
         "Anchors come from minimal targeted DeepFool pushes (overshoot "
-        f"{spec['overshoot']}); they sit just inside the region, so the anchor counts "
+        f"{opts.overshoot}); they sit just inside the region, so the anchor counts "
         "depend on that overshoot. Plane maps are stored in the .npz file "
         "(<model>/plane<j>/labels, rows along e2 from -y to +y, columns along e1)."
     )
-    return ProbeOutput(summary=summary, arrays=arrays, figures=figures, notes=notes)
+    return out
+
+
+def _analyse_member(
+    ctx: SuiteContext, opts: ConnectivityOptions, member: Member, out: ProbeOutput
+) -> dict[str, dict[str, np.ndarray]]:
+    """Pairs, paths, summaries and planes of one member; returns its results per kind."""
+    name = member.name
+    x, _ = ctx.test_inputs(member.model)
+    mapper = functools.partial(_mapper, ctx, opts.batch_size, f"connectivity {name}")
+    predict = _predictor(member.apply_fn)
+    labels = np.asarray(mapper(predict, member.params, x, in_axes=(None, 0)))
+    push = DeepFoolOptions(overshoot=opts.overshoot, max_iter=opts.max_iter)
+    pairs = make_pairs(
+        jax.random.PRNGKey(opts.seed),
+        member.apply_fn,
+        member.params,
+        x,
+        opts.pairs,
+        opts.kinds,
+        labels=labels,
+        push=push,
+        map_fn=mapper,
+    )
+    v = pairs.valid
+    # One pooled search over all pairs of all kinds (find_paths, not ctx.map:
+    # a vmap over pairs would make every pair wait for the hardest one); in a
+    # multi-process run each process searches its share of the pairs.
+    search = functools.partial(
+        find_paths,
+        member.apply_fn,
+        member.params,
+        batch=opts.batch,
+        max_anchors=opts.max_anchors,
+        max_depth=opts.max_depth,
+        samples=opts.samples,
+        verify_samples=opts.verify_samples,
+        push=push,
+    )
+    found = split_over_processes(search, pairs.x1[v], pairs.x2[v])
+    res = {f: np.asarray(getattr(found, f)) for f in found._fields}
+    res["connected"] = res.pop("converged")
+    kind = pairs.kind[v]
+    for field in _FIELDS:
+        out.arrays[f"{name}/{field}"] = res[field]
+    out.arrays[f"{name}/kind"] = kind
+    per_kind = _summaries(opts, name, res, kind, pairs, out)
+    _planes(ctx, opts, member, res, kind, functools.partial(mapper, predict), out)
+    return per_kind
+
+
+def _mapper(ctx: SuiteContext, batch_size: int, default_desc: str, fn, *args, in_axes, desc=None):
+    return ctx.map(fn, *args, in_axes=in_axes, batch_size=batch_size, desc=desc or default_desc)
+
+
+def _predictor(apply_fn):
+    """The predicted class of one example, as int32."""
+    return lambda p, xi: jnp.argmax(apply_fn(p, xi)).astype(jnp.int32)
+
+
+def _summaries(
+    opts: ConnectivityOptions,
+    name: str,
+    res: dict[str, np.ndarray],
+    kind: np.ndarray,
+    pairs: Any,
+    out: ProbeOutput,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Summary entries <name>/all and <name>/<kind>, with notes on failures."""
+    v = pairs.valid
+    flat = {f: a for f, a in res.items() if f != "points"}
+    out.summary[f"{name}/all"] = _stats(flat, opts.pairs * len(opts.kinds), int(v.sum()))
+    per_kind = {}
+    for k in opts.kinds:
+        ki = PAIR_KINDS.index(k)
+        per_kind[k] = {f: a[kind == ki] for f, a in flat.items()}
+        made = int(np.sum(v & (pairs.kind == ki)))
+        out.summary[f"{name}/{k}"] = _stats(per_kind[k], opts.pairs, made)
+        if made < opts.pairs:
+            out.notes.append(
+                f"{name}/{k}: targeted DeepFool did not move {opts.pairs - made} "
+                "source image(s) into the target class; those pairs are left out."
+            )
+    failed = ~res["connected"]
+    if failed.any():
+        reasons = {
+            STATUS_NAMES[s]: int(c) for s, c in enumerate(np.bincount(res["status"][failed])) if c
+        }
+        out.notes.append(
+            f"{name}: {int(failed.sum())} of {len(failed)} pairs have no verified path "
+            f"({reasons}). "
+            "max_anchors / max_depth mean the search budget ran out (undecided), "
+            "not that the region is disconnected."
+        )
+    return per_kind
+
+
+def _planes(
+    ctx: SuiteContext,
+    opts: ConnectivityOptions,
+    member: Member,
+    res: dict[str, np.ndarray],
+    kind: np.ndarray,
+    label_map,
+    out: ProbeOutput,
+) -> None:
+    """Planes through x1, x2 and the first anchor of a few paths with anchors.
+
+    ``label_map(params, images, in_axes=..., desc=...)`` gives the member's labels of images.
+    """
+    name = member.name
+    with_anchor = np.flatnonzero(res["connected"] & (res["num_anchors"] >= 1))
+    planes, grids = [], []
+    for i in _spread(with_anchor, kind, opts.examples):
+        made_plane = plane_grid(res["points"][i], int(res["num_points"][i]), opts.grid)
+        if made_plane is None:
+            continue
+        plane, points = made_plane
+        plane.update(
+            pair=int(i),
+            kind=PAIR_KINDS[int(kind[i])],
+            label=int(res["label"][i]),
+            anchors=int(res["num_anchors"][i]),
+            length_ratio=float(res["length_ratio"][i]),
+        )
+        planes.append(plane)
+        grids.append(points)
+    if not planes:
+        out.notes.append(
+            f"{name}: no connected path needed an anchor, so there is no plane through a "
+            "first anchor to draw."
+        )
+        return
+    # All grids in one batched call: one compilation per member.
+    labs = np.asarray(
+        label_map(
+            member.params,
+            np.concatenate(grids),
+            in_axes=(None, 0),
+            desc="planes",
+        )
+    ).reshape(len(planes), opts.grid, opts.grid)
+    for j, (plane, lab) in enumerate(zip(planes, labs, strict=True)):
+        plane["map"] = lab
+        out.arrays[f"{name}/plane{j}/labels"] = lab
+        out.arrays[f"{name}/plane{j}/path"] = np.asarray(plane["path"])
+    num_classes = ctx.model_dataset(member.model).num_classes
+    out.figures[f"planes-{name}"] = plot_planes(planes, name, num_classes)
+    out.summary[f"{name}/all"]["planes"] = {
+        f"example{j}": {k: v for k, v in p.items() if k != "map"} for j, p in enumerate(planes)
+    }
 
 
 def _spread(candidates: np.ndarray, kind: np.ndarray, k: int) -> list[int]:

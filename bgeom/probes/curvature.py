@@ -1,6 +1,8 @@
 """Suite probe "curvature": boundary curvature spectra, shared curved directions, detection.
 
-For each model (member 0 of an ensemble):
+Method: docs/curvature.md and docs/detection.md. For every model member, on
+test images and ``held_out`` training images as the model sees them (a
+flip-trained model on flipped images):
 
 1. the principal curvatures at the boundary points of ``samples`` test images
    and ``held_out`` training images (``bgeom.boundary_curvature``): the whole
@@ -19,56 +21,126 @@ For each model (member 0 of an ensemble):
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from bgeom import curvature, detection, subspaces
 from bgeom.margins import deepfool, subspace_deepfool
-from bgeom.suite import ProbeOutput, SuiteContext, register_probe
+from bgeom.probes import base
+from bgeom.probes.base import Member, ProbeOptions, ProbeOutput, SuiteContext, option
 
 
-@register_probe(
-    "curvature",
-    samples=48,
-    held_out=48,
-    k=10,
-    full_spectrum_max_dim=128,
-    operator="auto",
-    fd_scale=curvature.DEFAULT_FD_SCALE,
-    subspace_dim=8,
-    slq_probes=4,
-    slq_matvecs=30,
-    directions=32,
-    radius_factor=1.0,
-    false_positive_rate=0.05,
-    scales=[1.0, 2.0, 5.0],
-    batch_size=48,
-    seed=0,
-)
-def curvature_probe(ctx: SuiteContext, spec: dict[str, Any]) -> ProbeOutput:
+@dataclasses.dataclass(frozen=True)
+class CurvatureOptions(ProbeOptions):
+    """Options of the curvature probe (docs/curvature.md, docs/detection.md)."""
+
+    samples: int = option(48, "test images per model member", ge=1)
+    held_out: int = option(48, "training images for the shared subspace and threshold", ge=1)
+    k: int = option(10, "largest and smallest curvatures kept when not the full spectrum", ge=1)
+    full_spectrum_max_dim: int = option(
+        128, "all d - 1 curvatures (exact density) when d - 1 is at most this", ge=0
+    )
+    operator: str = option(
+        "auto",
+        "Hessian-vector products: exact, fd (finite differences) or auto",
+        choices=("auto", *curvature.OPERATORS),
+    )
+    fd_scale: float = option(
+        curvature.DEFAULT_FD_SCALE,
+        "finite-difference step h as a fraction of the distance to the boundary",
+        gt=0,
+    )
+    subspace_dim: int = option(8, "dimension m of the shared curved subspace S", ge=1)
+    slq_probes: int = option(4, "stochastic Lanczos quadrature probes per point", ge=1)
+    slq_matvecs: int = option(30, "Lanczos steps per SLQ probe (capped at d - 1)", ge=1)
+    directions: int = option(32, "random directions in S of the asymmetry score", ge=1)
+    radius_factor: float = option(
+        1.0, "detection radius as a multiple of the median held-out margin", gt=0
+    )
+    false_positive_rate: float = option(
+        0.05, "false-positive rate of the threshold on held-out clean scores", ge=0, lt=1
+    )
+    scales: tuple[float, ...] = option(
+        (1.0, 2.0, 5.0), "factors the DeepFool perturbations are scaled by for detection", ge=0
+    )
+    batch_size: int = option(48, "images per compiled batch", ge=1)
+    seed: int = option(0, "seed of the SLQ probes, random subspace and directions")
+
+
+class _Plan(NamedTuple):
+    """The sizes of one member's analysis."""
+
+    n: int  # test images
+    n_held: int  # held-out images
+    d: int  # input dimension
+    full: bool  # the whole spectrum (else top/bottom k and SLQ)
+    k: int
+    which: str
+    num_matvecs: int | None
+
+
+class _Spectra(NamedTuple):
+    test: Any  # CurvatureResult of the test points
+    held: Any  # ... of the held-out points
+    operator: str
+    ok: np.ndarray  # converged test points
+    kappa: np.ndarray  # (n, k) float64
+    resid: np.ndarray
+    scale: np.ndarray  # (n, 1) max |kappa| (1 where 0)
+    rel_resid: np.ndarray
+    distance: np.ndarray  # distance of the test points to their boundary points
+
+
+class _Density(NamedTuple):
+    grid: np.ndarray
+    density: np.ndarray
+    flat: np.ndarray  # fraction of |kappa| / max |kappa| <= 0.1 per converged point
+    method: str
+
+
+class _Shared(NamedTuple):
+    m: int
+    subspace: Any  # SharedSubspace
+    basis: np.ndarray
+    ratio: np.ndarray
+    ratio_random: np.ndarray
+    full_df: Any  # DeepFool, in S, in a random subspace (MarginResult each)
+    in_s: Any
+    in_r: Any
+
+
+class _Detection(NamedTuple):
+    radius: float
+    threshold: float
+    clean_fpr: float
+    rows: dict[str, dict[str, Any]]  # per scale
+    rocs: dict[str, tuple[np.ndarray, np.ndarray]]
+    scores: np.ndarray
+    recovered_label: np.ndarray
+
+
+def _f64(a: Any) -> np.ndarray:
+    return np.asarray(a, np.float64)
+
+
+@base.register_probe("curvature", CurvatureOptions)
+def curvature_probe(
+    ctx: SuiteContext, opts: CurvatureOptions, *, probe_id: str, models: tuple[str, ...]
+) -> ProbeOutput:
     """Curvature of the decision boundary: spectra, shared curved subspace, detection."""
-    summary: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    notes: list[str] = []
+    out = ProbeOutput(summary={})
     plots: dict[str, dict[str, Any]] = {}
-    for key in spec["models"]:
-        data = ctx.model_dataset(key)
-        apply_fn, params = ctx.members(key)[0]
-        if len(ctx.members(key)) > 1:
-            notes.append(f"{key}: an ensemble; the curvature probe analyses member 0 only.")
-        out, plot = _analyse_model(ctx, spec, key, data, apply_fn, params, notes)
-        summary[key] = out["summary"]
-        arrays.update({f"{key}/{name}": value for name, value in out["arrays"].items()})
-        plots[key] = plot
-    figures = {
-        "spectrum": plot_spectra(plots),
-        "detection": plot_roc(plots),
-    }
-    for key, plot in plots.items():
-        figures[f"directions-{key}"] = plot_directions(plot, title=key)
-    notes.append(
+    for member in ctx.all_members(models):
+        summary, arrays, plots[member.name] = _analyse_member(ctx, opts, member, out.notes)
+        out.summary[member.name] = summary
+        out.arrays.update({f"{member.name}/{name}": value for name, value in arrays.items()})
+    out.figures = {"spectrum": plot_spectra(plots), "detection": plot_roc(plots)}
+    for name, plot in plots.items():
+        out.figures[f"directions-{name}"] = plot_directions(plot, title=name)
+    out.notes.append(
         "Curvatures are those of F = f_label - f_adv at the refined DeepFool boundary point, "
         "sign: positive bends towards the adverse class. ReLU networks use finite-difference "
         "HVPs (operator 'fd', h = fd_scale x distance to the boundary); that map is not exactly "
@@ -76,107 +148,150 @@ def curvature_probe(ctx: SuiteContext, spec: dict[str, Any]) -> ProbeOutput:
         "median_relative_residual) and its spectrum depends on h: read it as the bending at "
         "scale h, not as an exact Hessian spectrum."
     )
-    return ProbeOutput(summary=summary, arrays=arrays, figures=figures, notes=notes)
+    return out
 
 
-def _analyse_model(ctx, spec, key, data, apply_fn, params, notes):
-    n = min(int(spec["samples"]), len(data.x_test))
-    n_held = min(int(spec["held_out"]), len(data.x_train))
-    x_test, y_test = np.asarray(data.x_test[:n]), np.asarray(data.y_test[:n])
-    x_held = np.asarray(data.x_train[:n_held])
-    shape = x_test.shape[1:]
-    d = int(np.prod(shape))
-    full = d - 1 <= int(spec["full_spectrum_max_dim"])
-    k = d - 1 if full else min(int(spec["k"]), d - 1)
-    which = "largest" if full else "both"
-    num_matvecs = d - 1 if full else None
-    operator, fd_scale = spec["operator"], float(spec["fd_scale"])
-    bs = int(spec["batch_size"])
+def _analyse_member(
+    ctx: SuiteContext, opts: CurvatureOptions, member: Member, notes: list[str]
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    """Summary, arrays and plot data of one member."""
+    x_test, y_test = ctx.test_inputs(member.model, opts.samples)
+    x_held, _ = ctx.train_inputs(member.model, opts.held_out)
+    d = int(np.prod(x_test.shape[1:]))
+    full = d - 1 <= opts.full_spectrum_max_dim
+    plan = _Plan(
+        n=len(x_test),
+        n_held=len(x_held),
+        d=d,
+        full=full,
+        k=d - 1 if full else min(opts.k, d - 1),
+        which="largest" if full else "both",
+        num_matvecs=d - 1 if full else None,
+    )
+    spectra = _spectra(ctx, opts, member, plan, x_test, x_held)
+    if not spectra.ok.all():
+        status = np.asarray(spectra.test.status)[~spectra.ok]
+        reasons = {
+            curvature.STATUS_NAMES[s]: int(c) for s, c in enumerate(np.bincount(status)) if c
+        }
+        notes.append(
+            f"{member.name}: {int((~spectra.ok).sum())} of {plan.n} test points did not "
+            f"converge ({reasons}); left out."
+        )
+    density = _density(ctx, opts, member, plan, x_test, spectra)
+    shared = _shared_subspace(ctx, opts, member, plan, x_test, spectra)
+    det = _detection(ctx, opts, member, plan, (x_test, y_test, x_held), spectra, shared)
+    summary = {
+        **_spectrum_summary(plan, spectra, density),
+        **_subspace_summary(plan, spectra.ok, shared),
+        **_detection_summary(opts, det),
+    }
+    return summary, _arrays(spectra, shared, det), _plot_data(plan, spectra, density, shared, det)
+
+
+def _spectra(ctx, opts, member, plan, x_test, x_held) -> _Spectra:
+    """Principal curvatures at the boundary points of the test and held-out images."""
 
     def bc(p, xi):
         return curvature.boundary_curvature(
-            apply_fn,
+            member.apply_fn,
             p,
             xi,
-            k=k,
-            which=which,
-            num_matvecs=num_matvecs,
-            operator=operator,
-            fd_scale=fd_scale,
+            k=plan.k,
+            which=plan.which,
+            num_matvecs=plan.num_matvecs,
+            operator=opts.operator,
+            fd_scale=opts.fd_scale,
         )
 
     # Test and held-out points in one call: one compiled function for both.
     both = ctx.map(
         bc,
-        params,
+        member.params,
         np.concatenate([x_test, x_held]),
         in_axes=(None, 0),
-        batch_size=bs,
-        desc=f"curvature {key}",
+        batch_size=opts.batch_size,
+        desc=f"curvature {member.name}",
     )
+    n = plan.n
     test = jax.tree.map(lambda a: a[:n], both)
-    held = jax.tree.map(lambda a: a[n:], both)
-    op_name = curvature.OPERATORS[int(test.operator[0])]
-    ok = np.asarray(test.converged, bool)
-    kappa = np.asarray(test.curvatures, np.float64)
-    resid = np.asarray(test.residuals, np.float64)
+    kappa, resid = _f64(test.curvatures), _f64(test.residuals)
     scale = np.max(np.abs(kappa), axis=1, keepdims=True)
     scale = np.where(scale > 0, scale, 1.0)
-    rel_resid = np.max(resid / scale, axis=1)
     distance = np.linalg.norm((np.asarray(test.boundary_point) - x_test).reshape(n, -1), axis=1)
-    if not ok.all():
-        notes.append(f"{key}: {int((~ok).sum())} of {n} test points did not converge; left out.")
-    kappa_ok, norm_ok = kappa[ok], (kappa / scale)[ok]
+    return _Spectra(
+        test=test,
+        held=jax.tree.map(lambda a: a[n:], both),
+        operator=curvature.OPERATORS[int(test.operator[0])],
+        ok=np.asarray(test.converged, bool),
+        kappa=kappa,
+        resid=resid,
+        scale=scale,
+        rel_resid=np.max(resid / scale, axis=1),
+        distance=distance,
+    )
 
-    # Density of the normalised curvatures kappa / max |kappa|.
+
+def _density(ctx, opts, member, plan, x_test, spectra: _Spectra) -> _Density:
+    """Density of the normalised curvatures kappa / max |kappa| of the converged test points."""
     grid = np.linspace(-1.1, 1.1, 221)
     width = 0.03
-    if full:
+    ok = spectra.ok
+    if plan.full:
+        norm_ok = (spectra.kappa / spectra.scale)[ok]
         flat = np.mean(np.abs(norm_ok) <= 0.1, axis=1)
         # Every curvature is a node of weight 1 / (d - 1): the exact spectral measure.
-        weights = np.full(norm_ok.shape, 1.0 / (d - 1))
+        weights = np.full(norm_ok.shape, 1.0 / (plan.d - 1))
         density = np.asarray(curvature.spectral_density(norm_ok, weights, grid, width))
-        density_method = f"exact: all d - 1 = {d - 1} curvatures (Lanczos to full depth)"
-    else:
-        keys = jax.random.split(jax.random.PRNGKey(int(spec["seed"])), n)
+        method = f"exact: all d - 1 = {plan.d - 1} curvatures (Lanczos to full depth)"
+        return _Density(grid, density, flat, method)
+    keys = jax.random.split(jax.random.PRNGKey(opts.seed), plan.n)
+    matvecs = min(opts.slq_matvecs, plan.d - 1)
 
-        def dens(p, xi, ki):
-            return curvature.curvature_density(
-                apply_fn,
-                p,
-                xi,
-                ki,
-                num_probes=int(spec["slq_probes"]),
-                num_matvecs=min(int(spec["slq_matvecs"]), d - 1),
-                operator=operator,
-                fd_scale=fd_scale,
-            )
-
-        slq = ctx.map(
-            dens, params, x_test, keys, in_axes=(None, 0, 0), batch_size=bs, desc=f"SLQ {key}"
-        )
-        nodes = np.asarray(slq.nodes, np.float64) / scale[:, :, None]
-        weights = np.asarray(slq.weights, np.float64)
-        nodes_ok, weights_ok = nodes[ok], weights[ok]
-        flat = np.sum(weights_ok * (np.abs(nodes_ok) <= 0.1), axis=2).mean(axis=1)
-        density = np.asarray(curvature.spectral_density(nodes_ok, weights_ok, grid, width))
-        density_method = (
-            f"stochastic Lanczos quadrature ({spec['slq_probes']} probes x "
-            f"{min(int(spec['slq_matvecs']), d - 1)} steps per point); kappa normalised by the "
-            f"extreme of the top/bottom {k} Lanczos curvatures"
+    def dens(p, xi, ki):
+        return curvature.curvature_density(
+            member.apply_fn,
+            p,
+            xi,
+            ki,
+            num_probes=opts.slq_probes,
+            num_matvecs=matvecs,
+            operator=opts.operator,
+            fd_scale=opts.fd_scale,
         )
 
-    # Shared curved subspace from the held-out points.
-    m = min(int(spec["subspace_dim"]), d - 1)
+    slq = ctx.map(
+        dens,
+        member.params,
+        x_test,
+        keys,
+        in_axes=(None, 0, 0),
+        batch_size=opts.batch_size,
+        desc=f"SLQ {member.name}",
+    )
+    nodes = (_f64(slq.nodes) / spectra.scale[:, :, None])[ok]
+    weights = _f64(slq.weights)[ok]
+    flat = np.sum(weights * (np.abs(nodes) <= 0.1), axis=2).mean(axis=1)
+    density = np.asarray(curvature.spectral_density(nodes, weights, grid, width))
+    method = (
+        f"stochastic Lanczos quadrature ({opts.slq_probes} probes x {matvecs} steps per "
+        f"point); kappa normalised by the extreme of the top/bottom {plan.k} Lanczos curvatures"
+    )
+    return _Density(grid, density, flat, method)
+
+
+def _shared_subspace(ctx, opts, member, plan, x_test, spectra: _Spectra) -> _Shared:
+    """S from the held-out points; how much of the test perturbations lies in S; margins in S."""
+    m = min(opts.subspace_dim, plan.d - 1)
     shared = curvature.shared_curved_subspace_at(
-        apply_fn, params, held, m=m, key=jax.random.PRNGKey(int(spec["seed"]))
+        member.apply_fn, member.params, spectra.held, m=m, key=jax.random.PRNGKey(opts.seed)
     )
     basis = np.asarray(shared.basis)
-    random_sub = subspaces.random(jax.random.PRNGKey(int(spec["seed"]) + 1), shape, m)
+    shape = x_test.shape[1:]
+    random_sub = subspaces.random(jax.random.PRNGKey(opts.seed + 1), shape, m)
     curved_sub = subspaces.from_basis(basis, name="shared curved")
-    r = np.asarray(test.boundary_point) - x_test
-    ratio = _projection_ratios(r, basis)
-    ratio_random = _projection_ratios(r, np.asarray(random_sub.basis))
+    r = np.asarray(spectra.test.boundary_point) - x_test
+    apply_fn = member.apply_fn
 
     def margins(p, xi):
         return (
@@ -186,48 +301,65 @@ def _analyse_model(ctx, spec, key, data, apply_fn, params, notes):
         )
 
     full_df, in_s, in_r = ctx.map(
-        margins, params, x_test, in_axes=(None, 0), batch_size=bs, desc=f"margins in S {key}"
+        margins,
+        member.params,
+        x_test,
+        in_axes=(None, 0),
+        batch_size=opts.batch_size,
+        desc=f"margins in S {member.name}",
+    )
+    return _Shared(
+        m=m,
+        subspace=shared,
+        basis=basis,
+        ratio=_projection_ratios(r, basis),
+        ratio_random=_projection_ratios(r, np.asarray(random_sub.basis)),
+        full_df=full_df,
+        in_s=in_s,
+        in_r=in_r,
     )
 
-    # Detection: directions in S, threshold on held-out clean scores.
+
+def _detection(ctx, opts, member, plan, images, spectra: _Spectra, shared: _Shared) -> _Detection:
+    """Asymmetry scores in S: threshold on held-out clean images, ROC against perturbed ones."""
+    x_test, y_test, x_held = images
+    n, n_held = plan.n, plan.n_held
+    held = spectra.held
     held_distance = np.linalg.norm(
         (np.asarray(held.boundary_point) - x_held).reshape(n_held, -1), axis=1
     )
     held_ok = np.asarray(held.converged, bool)
-    radius = float(spec["radius_factor"]) * float(
-        np.median(held_distance[held_ok]) if held_ok.any() else 1.0
-    )
+    radius = opts.radius_factor * float(np.median(held_distance[held_ok]) if held_ok.any() else 1.0)
     dirs = detection.curved_directions(
-        jax.random.PRNGKey(int(spec["seed"]) + 2), basis, int(spec["directions"]), radius
+        jax.random.PRNGKey(opts.seed + 2), shared.basis, opts.directions, radius
     )
-    scales = [float(s) for s in spec["scales"]]
-    pert = np.asarray(full_df.perturbation)
-    df_ok = np.asarray(full_df.converged, bool)
-    inputs = [x_held, x_test] + [x_test + s * pert for s in scales]
+    pert = np.asarray(shared.full_df.perturbation)
+    df_ok = np.asarray(shared.full_df.converged, bool)
+    inputs = [x_held, x_test] + [x_test + s * pert for s in opts.scales]
     scored = ctx.map(
-        lambda p, xi: detection.asymmetry_score(apply_fn, p, xi, dirs),
-        params,
+        lambda p, xi: detection.asymmetry_score(member.apply_fn, p, xi, dirs),
+        member.params,
         np.concatenate(inputs).astype(x_test.dtype),
         in_axes=(None, 0),
-        batch_size=bs,
-        desc=f"asymmetry {key}",
+        batch_size=opts.batch_size,
+        desc=f"asymmetry {member.name}",
     )
-    s_all = np.asarray(scored.score, np.float64)
-    held_scores, clean_scores = s_all[:n_held], s_all[n_held : n_held + n]
-    threshold = detection.fit_threshold(held_scores, float(spec["false_positive_rate"]))
-    det: dict[str, Any] = {}
+    scores = _f64(scored.score)
+    recovered = np.asarray(scored.recovered_label)
+    held_scores, clean_scores = scores[:n_held], scores[n_held : n_held + n]
+    threshold = detection.fit_threshold(held_scores, opts.false_positive_rate)
+    clean_label = np.asarray(shared.full_df.label)
+    rows: dict[str, dict[str, Any]] = {}
     rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    clean_label = np.asarray(full_df.label)
-    for i, s in enumerate(scales):
+    for i, s in enumerate(opts.scales):
         sl = slice(n_held + (i + 1) * n, n_held + (i + 2) * n)
-        ps = s_all[sl][df_ok]
-        rec = np.asarray(scored.recovered_label)[sl][df_ok]
+        ps, rec = scores[sl][df_ok], recovered[sl][df_ok]
         flagged = ps > threshold
         fpr, tpr, auc = detection.roc(clean_scores, ps)
         rocs[f"x{s:g}"] = (fpr, tpr)
-        det[f"x{s:g}"] = {
+        rows[f"x{s:g}"] = {
             "auc": auc,
-            "detection_rate": float(np.mean(flagged)) if ps.size else None,
+            "detection_rate": base.fraction(flagged),
             "recovery_accuracy_flagged": detection.recovery_accuracy(
                 rec, clean_label[df_ok], flagged
             ),
@@ -235,93 +367,108 @@ def _analyse_model(ctx, spec, key, data, apply_fn, params, notes):
             "recovery_accuracy_vs_ground_truth": detection.recovery_accuracy(rec, y_test[df_ok]),
         }
     clean_fpr = float(np.mean(clean_scores > threshold))
-    # JSON has no NaN: "no flagged input" is recorded as None.
-    det = {
-        name: {m: (None if v is not None and not np.isfinite(v) else v) for m, v in row.items()}
-        for name, row in det.items()
-    }
+    return _Detection(radius, threshold, clean_fpr, rows, rocs, scores, recovered)
 
-    def stat(a):
-        a = np.asarray(a, np.float64)
-        a = a[np.isfinite(a)]
-        return float(np.median(a)) if a.size else None
 
-    margin_full = np.asarray(full_df.margin)
-    margin_s, margin_r = np.asarray(in_s.margin), np.asarray(in_r.margin)
-    mean_spectrum = kappa_ok.mean(0) if len(kappa_ok) else np.full(k, np.nan)
-    summary = {
-        "samples": n,
-        "held_out": n_held,
-        "dimension": d,
-        "operator": op_name,
-        "median_fd_scale": stat(test.scale) if op_name == "fd" else None,
+def _spectrum_summary(plan: _Plan, spectra: _Spectra, density: _Density) -> dict[str, Any]:
+    ok = spectra.ok
+    kappa_ok = spectra.kappa[ok]
+    return {
+        "samples": plan.n,
+        "held_out": plan.n_held,
+        "dimension": plan.d,
+        "operator": spectra.operator,
+        "median_fd_scale": base.median(_f64(spectra.test.scale))
+        if spectra.operator == "fd"
+        else None,
         "converged_fraction": float(ok.mean()),
-        "median_distance_to_boundary": stat(distance[ok]),
-        "spectrum": "full" if full else f"top/bottom {k}",
-        "median_max_abs_curvature": stat(scale[ok, 0]),
-        "median_relative_residual": stat(rel_resid[ok]),
-        "max_relative_residual": float(np.max(rel_resid[ok])) if ok.any() else None,
-        "flat_fraction_median": stat(flat),
-        "flat_fraction_quartiles": np.quantile(flat, [0.25, 0.75]).tolist() if flat.size else None,
-        "density_method": density_method,
-        "mean_sorted_curvatures": mean_spectrum.tolist(),
-        "curvature_quantiles_10_90": (
-            np.quantile(kappa_ok, [0.1, 0.9], axis=0).tolist() if len(kappa_ok) else None
-        ),
-        "density_grid": grid.tolist(),
-        "density": np.asarray(density).tolist(),
-        "subspace_dim": m,
-        "subspace_curvatures": np.asarray(shared.curvatures).tolist(),
-        "subspace_relative_residual": float(
-            np.max(np.asarray(shared.residuals)) / max(np.max(np.abs(shared.curvatures)), 1e-30)
-        ),
-        "projection_ratio_median": stat(ratio[ok]),
-        "projection_ratio_random_subspace_median": stat(ratio_random[ok]),
-        "projection_ratio_baseline_sqrt_m_over_d": curvature.random_baseline(m, d),
-        "deepfool_margin_median": stat(margin_full),
-        "margin_in_S_median": stat(margin_s),
-        "margin_in_random_subspace_median": stat(margin_r),
-        "flipped_in_S": float(np.mean(np.asarray(in_s.converged))),
-        "flipped_in_random_subspace": float(np.mean(np.asarray(in_r.converged))),
-        "detection_radius": radius,
-        "detection_directions": int(spec["directions"]),
-        "detection_threshold": threshold,
-        "clean_test_false_positive_rate": clean_fpr,
-        "detection": det,
-        "auc_x1": det[f"x{scales[0]:g}"]["auc"],
-        "recovery_x1": det[f"x{scales[0]:g}"]["recovery_accuracy_flagged"],
-        "roc": {name: {"fpr": f.tolist(), "tpr": t.tolist()} for name, (f, t) in rocs.items()},
+        "median_distance_to_boundary": base.median(_f64(spectra.distance[ok])),
+        "spectrum": "full" if plan.full else f"top/bottom {plan.k}",
+        "median_max_abs_curvature": base.median(spectra.scale[ok, 0]),
+        "median_relative_residual": base.median(spectra.rel_resid[ok]),
+        "max_relative_residual": float(np.max(spectra.rel_resid[ok])) if ok.any() else None,
+        "flat_fraction_median": base.median(density.flat),
+        "flat_fraction_quartiles": base.quantiles(density.flat, [0.25, 0.75]),
+        "density_method": density.method,
+        "mean_sorted_curvatures": _mean_spectrum(plan, spectra).tolist(),
+        "curvature_quantiles_10_90": base.quantiles(kappa_ok, [0.1, 0.9], axis=0),
+        "density_grid": density.grid.tolist(),
+        "density": density.density.tolist(),
     }
-    arrays = {
-        "curvatures": kappa.astype(np.float32),
-        "residuals": resid.astype(np.float32),
-        "converged": ok,
+
+
+def _subspace_summary(plan: _Plan, ok: np.ndarray, shared: _Shared) -> dict[str, Any]:
+    curvatures = np.asarray(shared.subspace.curvatures)
+    residual = np.max(np.asarray(shared.subspace.residuals))
+    return {
+        "subspace_dim": shared.m,
+        "subspace_curvatures": curvatures.tolist(),
+        "subspace_relative_residual": float(residual / max(np.max(np.abs(curvatures)), 1e-30)),
+        "projection_ratio_median": base.median(_f64(shared.ratio[ok])),
+        "projection_ratio_random_subspace_median": base.median(_f64(shared.ratio_random[ok])),
+        "projection_ratio_baseline_sqrt_m_over_d": curvature.random_baseline(shared.m, plan.d),
+        "deepfool_margin_median": base.median(_f64(shared.full_df.margin)),
+        "margin_in_S_median": base.median(_f64(shared.in_s.margin)),
+        "margin_in_random_subspace_median": base.median(_f64(shared.in_r.margin)),
+        "flipped_in_S": base.fraction(shared.in_s.converged),
+        "flipped_in_random_subspace": base.fraction(shared.in_r.converged),
+    }
+
+
+def _detection_summary(opts: CurvatureOptions, det: _Detection) -> dict[str, Any]:
+    first = f"x{opts.scales[0]:g}"
+    return {
+        "detection_radius": det.radius,
+        "detection_directions": opts.directions,
+        "detection_threshold": det.threshold,
+        "clean_test_false_positive_rate": det.clean_fpr,
+        "detection": det.rows,
+        "auc_x1": det.rows[first]["auc"],
+        "recovery_x1": det.rows[first]["recovery_accuracy_flagged"],
+        "roc": {name: {"fpr": f.tolist(), "tpr": t.tolist()} for name, (f, t) in det.rocs.items()},
+    }
+
+
+def _mean_spectrum(plan: _Plan, spectra: _Spectra) -> np.ndarray:
+    kappa_ok = spectra.kappa[spectra.ok]
+    return kappa_ok.mean(0) if len(kappa_ok) else np.full(plan.k, np.nan)
+
+
+def _arrays(spectra: _Spectra, shared: _Shared, det: _Detection) -> dict[str, np.ndarray]:
+    test = spectra.test
+    return {
+        "curvatures": spectra.kappa.astype(np.float32),
+        "residuals": spectra.resid.astype(np.float32),
+        "converged": spectra.ok,
         "label": np.asarray(test.label),
         "adv_label": np.asarray(test.adv_label),
         "scale": np.asarray(test.scale),
-        "distance": distance.astype(np.float32),
-        "shared_basis": basis.astype(np.float32),
-        "shared_curvatures": np.asarray(shared.curvatures),
-        "projection_ratio": ratio.astype(np.float32),
-        "projection_ratio_random": ratio_random.astype(np.float32),
-        "margin": margin_full,
-        "margin_in_S": margin_s,
-        "margin_in_random": margin_r,
-        "scores": s_all.astype(np.float32),
-        "recovered_label": np.asarray(scored.recovered_label),
+        "distance": spectra.distance.astype(np.float32),
+        "shared_basis": shared.basis.astype(np.float32),
+        "shared_curvatures": np.asarray(shared.subspace.curvatures),
+        "projection_ratio": shared.ratio.astype(np.float32),
+        "projection_ratio_random": shared.ratio_random.astype(np.float32),
+        "margin": np.asarray(shared.full_df.margin),
+        "margin_in_S": np.asarray(shared.in_s.margin),
+        "margin_in_random": np.asarray(shared.in_r.margin),
+        "scores": det.scores.astype(np.float32),
+        "recovered_label": det.recovered_label,
     }
-    plot = {
-        "mean": mean_spectrum,
+
+
+def _plot_data(plan, spectra: _Spectra, density: _Density, shared: _Shared, det: _Detection):
+    kappa_ok = spectra.kappa[spectra.ok]
+    return {
+        "mean": _mean_spectrum(plan, spectra),
         "q": np.quantile(kappa_ok, [0.1, 0.9], axis=0) if len(kappa_ok) else None,
-        "grid": grid,
-        "density": np.asarray(density),
-        "basis": basis,
-        "basis_curvatures": np.asarray(shared.curvatures),
-        "rocs": rocs,
-        "aucs": {name: v["auc"] for name, v in det.items()},
-        "operator": op_name,
+        "grid": density.grid,
+        "density": density.density,
+        "basis": shared.basis,
+        "basis_curvatures": np.asarray(shared.subspace.curvatures),
+        "rocs": det.rocs,
+        "aucs": {name: row["auc"] for name, row in det.rows.items()},
+        "operator": spectra.operator,
     }
-    return {"summary": summary, "arrays": arrays}, plot
 
 
 def _projection_ratios(r: np.ndarray, basis: np.ndarray) -> np.ndarray:

@@ -1,27 +1,46 @@
 """Suite probe "invariance": margins along DCT subspaces, low to high frequency.
 
 The experiment of "Hold me tight!" (Ortiz-Jimenez et al., NeurIPS 2020,
-https://arxiv.org/abs/2002.06349): for every model, the margin of test images
-along each diagonal K x K DCT block. Networks have small margins along the
-directions the data discriminates along and very large ones (invariance) along
-the rest. Models trained on frequency-flipped data (``augment = "flip"``) are
-probed on flipped images and should show the mirrored profile; low-pass
-training (``augment = {name = "low_pass", ...}``) and L2 adversarial training
-(``augment = {name = "pgd", eps = 2.0}``) move the curve as the paper reports.
-On synthetic data (``bgeom.data.synthetic``) the probe also measures the margin
-along the one discriminative direction u, which should be about the
-construction's eps, against the margins along the DCT blocks orthogonal to u.
+https://arxiv.org/abs/2002.06349; method: docs/subspaces.md): for every model
+member, the margin of test images along each diagonal K x K DCT block.
+Networks have small margins along the directions the data discriminates along
+and very large ones (invariance) along the rest. Models trained on
+frequency-flipped data (``augment = "flip"``) are probed on flipped images and
+should show the mirrored profile; low-pass training (``augment = {name =
+"low_pass", ...}``) and L2 adversarial training (``augment = {name = "pgd", eps
+= 2.0}``) move the curve as the paper reports. On synthetic data
+(``bgeom.data.synthetic``) the probe also measures the margin along the one
+discriminative direction u, which should be about the construction's eps,
+against the margins along the DCT blocks orthogonal to u. Arrays are saved per
+member as ``<name>/<field>`` with a leading axis of length 1 (the member).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from bgeom import subspaces as subspaces_lib
 from bgeom.margins import subspace_deepfool
-from bgeom.suite import ProbeOutput, SuiteContext, register_probe
+from bgeom.probes import base
+from bgeom.probes.base import Member, ProbeOptions, ProbeOutput, SuiteContext, option
+
+
+@dataclasses.dataclass(frozen=True)
+class InvarianceOptions(ProbeOptions):
+    """Options of the invariance probe (docs/subspaces.md, docs/margins.md)."""
+
+    samples: int = option(100, "test images per model (the first ones of the test split)", ge=1)
+    block: int = option(8, "side K of the K x K DCT blocks", ge=1)
+    stride: int = option(1, "step between the diagonal DCT blocks", ge=1)
+    candidates: int = option(10, "DeepFool candidate classes", ge=2)
+    overshoot: float = option(0.02, "DeepFool overshoot", ge=0)
+    max_iter: int = option(
+        100, "most steps of a subspace search (no flip: an infinite margin)", ge=0
+    )
+    batch_size: int = option(50, "images per compiled batch (each with every block)", ge=1)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,149 +53,160 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def _stats(margin: np.ndarray) -> dict[str, Any]:
     """Median and quartiles per subspace over samples (and members); inf = no flip."""
     flat = margin.reshape(-1, margin.shape[-1])
-    q = np.quantile(flat, [0.25, 0.5, 0.75], axis=0)
-    finite = lambda a: [float(v) if np.isfinite(v) else None for v in a]
+    q25, med, q75 = base.quantiles(flat, [0.25, 0.5, 0.75], axis=0)
     return {
-        "median": finite(q[1]),
-        "q25": finite(q[0]),
-        "q75": finite(q[2]),
-        "flipped_fraction": np.isfinite(flat).mean(0).tolist(),
+        "median": med,
+        "q25": q25,
+        "q75": q75,
+        "flipped_fraction": base.flipped_fraction(flat, axis=0),
     }
 
 
-def _margins(ctx: SuiteContext, key: str, x: np.ndarray, subspace, spec: dict[str, Any], desc):
-    """Subspace margins of every member of ``key``: arrays (members, n, M)."""
-    out = []
-    for i, (apply_fn, params) in enumerate(ctx.members(key)):
+def _margins(
+    ctx: SuiteContext, member: Member, x: np.ndarray, subspace, opts: InvarianceOptions, desc: str
+) -> dict[str, np.ndarray]:
+    """Subspace margins of ``member``: every field with a leading member axis, (1, n, M)."""
+    import jax
 
-        def one(p, stack, xi, apply_fn=apply_fn):
-            import jax
+    def one(p, stack, xi):
+        return jax.vmap(
+            lambda s: subspace_deepfool(
+                member.apply_fn,
+                p,
+                xi,
+                s,
+                candidates=opts.candidates,
+                overshoot=opts.overshoot,
+                max_iter=opts.max_iter,
+            )
+        )(stack)
 
-            return jax.vmap(
-                lambda s: subspace_deepfool(
-                    apply_fn,
-                    p,
-                    xi,
-                    s,
-                    candidates=spec["candidates"],
-                    overshoot=spec["overshoot"],
-                    max_iter=spec["max_iter"],
-                )
-            )(stack)
-
-        res = ctx.map(
-            one,
-            params,
-            subspace,
-            x,
-            in_axes=(None, None, 0),
-            batch_size=spec["batch_size"],
-            desc=f"{desc} {key}[{i}]",
-        )
-        out.append(res)
-    return {f: np.stack([np.asarray(getattr(r, f)) for r in out]) for f in out[0]._fields}
+    res = ctx.map(
+        one,
+        member.params,
+        subspace,
+        x,
+        in_axes=(None, None, 0),
+        batch_size=opts.batch_size,
+        desc=f"{desc} {member.name}",
+    )
+    return {f: np.asarray(getattr(res, f))[None] for f in res._fields}
 
 
-@register_probe(
-    "invariance",
-    samples=100,
-    block=8,
-    stride=1,
-    candidates=10,
-    overshoot=0.02,
-    max_iter=100,
-    batch_size=50,
-)
-def invariance_probe(ctx: SuiteContext, spec: dict[str, Any]) -> ProbeOutput:
+@base.register_probe("invariance", InvarianceOptions)
+def invariance_probe(
+    ctx: SuiteContext, opts: InvarianceOptions, *, probe_id: str, models: tuple[str, ...]
+) -> ProbeOutput:
     """Margins along DCT frequency blocks, low to high, per model ("Hold me tight!")."""
-    summary: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    notes: list[str] = []
+    out = ProbeOutput(summary={})
     profiles: dict[str, dict[str, Any]] = {}
     synthetic: dict[str, dict[str, Any]] = {}
     samples: dict[str, np.ndarray] = {}
-    for key in spec["models"]:
-        data = ctx.model_dataset(key)
-        x, _ = ctx.test_inputs(key, spec["samples"])
-        shape = x.shape[1:]
-        blocks = subspaces_lib.dct_blocks(shape, spec["block"], spec["stride"])
-        starts = subspaces_lib.block_starts(shape, spec["block"], spec["stride"])
-        res = _margins(ctx, key, x, blocks, spec, "subspace margins")
-        margin = res["margin"]  # (members, n, blocks)
-        for field in ("margin", "converged", "iterations", "label", "adv_label"):
-            arrays[f"{key}/{field}"] = res[field]
-        arrays[f"{key}/block_starts"] = starts
-        augment = ctx.config["models"][key].get("augment")
-        entry = {
-            "dataset": ctx.config["models"][key]["dataset"],
-            "augment": augment,
-            "samples": int(len(x)),
-            "block": int(spec["block"]),
-            "stride": int(spec["stride"]),
-            "block_starts": starts.tolist(),
-            "test_accuracy": np.atleast_1d(ctx.model(key).test_accuracy).tolist(),
-            **_stats(margin),
-            "median_iterations": float(np.median(res["iterations"])),
-        }
-        not_flipped = int(np.sum(~res["converged"]))
-        if not_flipped:
-            notes.append(
-                f"{key}: {not_flipped} of {res['converged'].size} (sample, block) searches did not "
-                f"flip the label within max_iter={spec['max_iter']}; their margin counts as "
-                "infinite (larger than any finite one) in the medians and quartiles."
-            )
-        direction = data.info.get("direction") if data.name == "synthetic" else None
-        if direction is not None:
-            u = subspaces_lib.from_basis(np.asarray(direction, np.float32)[None], name="u")
-            along = _margins(ctx, key, x, subspaces_lib.stack([u]), spec, "margin along u")
-            margin_u = along["margin"][..., 0]
-            arrays[f"{key}/margin_along_u"] = margin_u
-            # Blocks orthogonal to u: those that do not contain u's DCT support.
-            support = np.abs(np.asarray(subspaces_lib.dct2(np.asarray(direction))))[..., 0] > 1e-6
-            orth = np.array([not np.any(support & (np.asarray(m) > 0)) for m in blocks.mask])
-            med_u = float(np.median(margin_u))
-            med_orth = float(np.median(margin[..., orth])) if orth.any() else None
-            synthetic[key] = {
-                "eps": float(data.info["eps"]),
-                "median_margin_along_u": med_u,
-                "relative_error_vs_eps": abs(med_u - data.info["eps"]) / data.info["eps"],
-                "orthogonal_blocks": np.flatnonzero(orth).tolist(),
-                "median_margin_orthogonal_blocks": med_orth,
-                "ratio_orthogonal_to_u": (med_orth / med_u) if med_orth and med_u > 0 else None,
-                "margin_along_u_flipped_fraction": float(np.mean(along["converged"])),
-            }
-            entry["synthetic"] = synthetic[key]
-        summary[key] = entry
-        profiles[key] = entry
-        samples[key] = x[0]
+    for member in ctx.all_members(models):
+        entry, samples[member.name] = _profile(ctx, member, opts, out)
+        if "synthetic" in entry:
+            synthetic[member.name] = entry["synthetic"]
+        out.summary[member.name] = profiles[member.name] = entry
 
-    # The mirror check: a flip-trained model against a plain one on the same data.
+    mirrors = _mirrors(profiles)
+    if mirrors:
+        out.summary["mirror_spearman"] = mirrors
+    natural = {k: v for k, v in profiles.items() if k not in synthetic}
+    if natural:
+        out.figures["profile"] = plot_margin_profiles(natural)
+    if synthetic:
+        out.figures["synthetic"] = plot_synthetic_profiles(
+            {k: profiles[k] for k in synthetic}, synthetic
+        )
+    out.figures["inputs"] = plot_model_inputs(samples)
+    return out
+
+
+def _profile(
+    ctx: SuiteContext, member: Member, opts: InvarianceOptions, out: ProbeOutput
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The margin profile of one member (summary entry), and its first input image."""
+    key, name = member.model, member.name
+    x, _ = ctx.test_inputs(key, opts.samples)
+    shape = x.shape[1:]
+    blocks = subspaces_lib.dct_blocks(shape, opts.block, opts.stride)
+    starts = subspaces_lib.block_starts(shape, opts.block, opts.stride)
+    res = _margins(ctx, member, x, blocks, opts, "subspace margins")
+    for field in ("margin", "converged", "iterations", "label", "adv_label"):
+        out.arrays[f"{name}/{field}"] = res[field]
+    out.arrays[f"{name}/block_starts"] = starts
+    spec = ctx.config["models"][key]
+    entry = {
+        "dataset": spec["dataset"],
+        "augment": spec.get("augment"),
+        "samples": int(len(x)),
+        "block": opts.block,
+        "stride": opts.stride,
+        "block_starts": starts.tolist(),
+        "test_accuracy": np.atleast_1d(ctx.model(key).test_accuracy)[[member.index]].tolist(),
+        **_stats(res["margin"]),
+        "median_iterations": base.median(res["iterations"]),
+    }
+    not_flipped = int(np.sum(~res["converged"]))
+    if not_flipped:
+        out.notes.append(
+            f"{name}: {not_flipped} of {res['converged'].size} (sample, block) searches did not "
+            f"flip the label within max_iter={opts.max_iter}; their margin counts as "
+            "infinite (larger than any finite one) in the medians and quartiles."
+        )
+    along_u = _synthetic(ctx, member, x, blocks, res["margin"], opts, out)
+    if along_u is not None:
+        entry["synthetic"] = along_u
+    return entry, x[0]
+
+
+def _synthetic(
+    ctx: SuiteContext,
+    member: Member,
+    x: np.ndarray,
+    blocks,
+    margin: np.ndarray,
+    opts: InvarianceOptions,
+    out: ProbeOutput,
+) -> dict[str, Any] | None:
+    """Synthetic data: the margin along the discriminative direction u vs the DCT blocks."""
+    data = ctx.model_dataset(member.model)
+    direction = data.info.get("direction") if data.name == "synthetic" else None
+    if direction is None:
+        return None
+    u = subspaces_lib.from_basis(np.asarray(direction, np.float32)[None], name="u")
+    along = _margins(ctx, member, x, subspaces_lib.stack([u]), opts, "margin along u")
+    margin_u = along["margin"][..., 0]
+    out.arrays[f"{member.name}/margin_along_u"] = margin_u
+    # Blocks orthogonal to u: those that do not contain u's DCT support.
+    support = np.abs(np.asarray(subspaces_lib.dct2(np.asarray(direction))))[..., 0] > 1e-6
+    orth = np.array([not np.any(support & (np.asarray(m) > 0)) for m in blocks.mask])
+    eps = float(data.info["eps"])
+    med_u = base.censored_median(margin_u)
+    med_orth = base.censored_median(margin[..., orth]) if orth.any() else None
+    return {
+        "eps": eps,
+        "median_margin_along_u": med_u,
+        "relative_error_vs_eps": abs(med_u - eps) / eps if med_u is not None else None,
+        "orthogonal_blocks": np.flatnonzero(orth).tolist(),
+        "median_margin_orthogonal_blocks": med_orth,
+        "ratio_orthogonal_to_u": (med_orth / med_u) if med_orth and med_u else None,
+        "margin_along_u_flipped_fraction": base.fraction(along["converged"]),
+    }
+
+
+def _mirrors(profiles: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The mirror check: each flip-trained member against each plain one on the same data."""
     mirrors = {}
-    for key, entry in profiles.items():
-        if not _is_flip(entry["augment"]):
+    for name, entry in profiles.items():
+        if not base.is_flip(entry["augment"]):
             continue
-        for base, other in profiles.items():
+        for other_name, other in profiles.items():
             if other["augment"] is None and other["dataset"] == entry["dataset"]:
                 a = _finite_profile(other["median"])
                 b = _finite_profile(entry["median"])[::-1]
-                mirrors[f"{base} vs reversed {key}"] = spearman(a, b)
-    if mirrors:
-        summary["mirror_spearman"] = mirrors
-
-    figures = {}
-    natural = {k: v for k, v in profiles.items() if k not in synthetic}
-    if natural:
-        figures["profile"] = plot_margin_profiles(natural)
-    if synthetic:
-        figures["synthetic"] = plot_synthetic_profiles(
-            {k: profiles[k] for k in synthetic}, synthetic
-        )
-    figures["inputs"] = plot_model_inputs(samples)
-    return ProbeOutput(summary=summary, arrays=arrays, figures=figures, notes=notes)
-
-
-def _is_flip(augment: Any) -> bool:
-    return augment == "flip" or (isinstance(augment, dict) and augment.get("name") == "flip")
+                mirrors[f"{other_name} vs reversed {name}"] = spearman(a, b)
+    return mirrors
 
 
 def _finite_profile(values: list[float | None]) -> np.ndarray:
@@ -228,8 +258,9 @@ def plot_synthetic_profiles(profiles: dict[str, dict[str, Any]], synthetic: dict
     fig, axes = plt.subplots(1, len(profiles), figsize=(6.5 * len(profiles), 4), squeeze=False)
     for ax, (key, p) in zip(axes[0], profiles.items(), strict=True):
         s = synthetic[key]
+        med_u = s["median_margin_along_u"]  # None: most searches along u did not flip
         finite = [v for v in p["q75"] + p["median"] if v is not None]
-        cap = 1.1 * max(finite + [s["median_margin_along_u"]]) if finite else 1.0
+        cap = 1.1 * max(finite + ([med_u] if med_u is not None else [])) if finite else 1.0
         idx = np.arange(len(p["median"]))
         orth = np.zeros(len(idx), bool)
         orth[s["orthogonal_blocks"]] = True
@@ -246,12 +277,8 @@ def plot_synthetic_profiles(profiles: dict[str, dict[str, Any]], synthetic: dict
                 color="tab:orange",
                 label="blocks containing u",
             )
-        ax.axhline(
-            s["median_margin_along_u"],
-            color="k",
-            lw=1.5,
-            label=f"along u: {s['median_margin_along_u']:.3f}",
-        )
+        if med_u is not None:
+            ax.axhline(med_u, color="k", lw=1.5, label=f"along u: {med_u:.3f}")
         ax.axhline(s["eps"], color="k", ls=":", lw=1, label=f"construction eps = {s['eps']:g}")
         ax.set_xlabel("diagonal DCT block: low -> high frequency")
         ax.set_ylabel("median margin (L2)")
