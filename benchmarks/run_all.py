@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BENCH_DIR, REPO  # noqa: E402
 
 
 def discover(pattern: str = "") -> list[Path]:
     """The benchmark scripts in this folder whose file name contains ``pattern``, sorted."""
-    return sorted(p for p in HERE.glob("bench_*.py") if pattern in p.name)
+    return sorted(p for p in BENCH_DIR.glob("bench_*.py") if pattern in p.name)
 
 
 def main(argv: list[str] | None = None) -> int:
