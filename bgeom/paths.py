@@ -694,6 +694,37 @@ def _vmap_all(fn: Callable, *args: Any, in_axes: Any) -> Any:
     return jax.jit(jax.vmap(fn, in_axes=in_axes))(*args)
 
 
+def _label_fn(apply_fn: Callable) -> Callable:
+    """``(params, x) -> k(x)``, the predicted class of one example."""
+    return lambda p, x: jnp.argmax(apply_fn(p, x)).astype(jnp.int32)
+
+
+def _push_into(
+    name: str,
+    apply_fn: Callable,
+    params: Any,
+    images: np.ndarray,
+    targets: np.ndarray,
+    push: boundary.DeepFoolOptions | None,
+    map_fn: Callable,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` moved into ``targets`` by targeted DeepFool, and which arrived there."""
+    # Clear errors now (trace-time checks only), then map the traced version.
+    push = _push_options(push)
+    push.checked(name, apply_fn, params, images[0])
+
+    def one(p, x, t):
+        return targeted_deepfool(
+            apply_fn, p, x, t, overshoot=push.overshoot, max_iter=push.max_iter, bounds=push.bounds
+        )
+
+    pushed = map_fn(one, params, images, targets, in_axes=(None, 0, 0))
+    moved = images + np.asarray(pushed.perturbation)
+    # Re-check the stored points: x + r is rounded once more than x + (1 + o) r.
+    moved_labels = np.asarray(map_fn(_label_fn(apply_fn), params, moved, in_axes=(None, 0)))
+    return moved, np.asarray(pushed.converged) & (moved_labels == targets)
+
+
 def make_pairs(
     key: jax.Array,
     apply_fn: Callable,
@@ -740,9 +771,8 @@ def make_pairs(
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"{name}: images must be a batch (N, H, W, C); got {images.shape}.")
-    predict = lambda p, x: jnp.argmax(apply_fn(p, x)).astype(jnp.int32)
     if labels is None:
-        labels = map_fn(predict, params, images, in_axes=(None, 0))
+        labels = map_fn(_label_fn(apply_fn), params, images, in_axes=(None, 0))
     labels = np.asarray(labels)
     if labels.shape != images.shape[:1]:
         raise ValueError(
@@ -767,28 +797,7 @@ def make_pairs(
     targets = np.r_[target[push1], target[push2]]
     ok1, ok2 = np.ones(len(kind), bool), np.ones(len(kind), bool)
     if sources.size:
-        # Clear errors now (trace-time checks only), then map the traced version.
-        push = _push_options(push)
-        push.checked(name, apply_fn, params, images[0])
-        pushed = map_fn(
-            lambda p, x, t: targeted_deepfool(
-                apply_fn,
-                p,
-                x,
-                t,
-                overshoot=push.overshoot,
-                max_iter=push.max_iter,
-                bounds=push.bounds,
-            ),
-            params,
-            images[sources],
-            targets,
-            in_axes=(None, 0, 0),
-        )
-        moved = images[sources] + np.asarray(pushed.perturbation)
-        # Re-check the stored points: x + r is rounded once more than x + (1 + o) r.
-        moved_labels = np.asarray(map_fn(predict, params, moved, in_axes=(None, 0)))
-        ok = np.asarray(pushed.converged) & (moved_labels == targets)
+        moved, ok = _push_into(name, apply_fn, params, images[sources], targets, push, map_fn)
         m = int(push1.sum())
         x1[push1], ok1[push1] = moved[:m], ok[:m]
         x2[push2], ok2[push2] = moved[m:], ok[m:]

@@ -52,8 +52,8 @@ from bgeom.probes.base import (  # noqa: F401  (re-exported: bgeom.suite.<name> 
     register_probe,
 )
 
-# The embedded default: digits, three small models, DeepFool margins. Runs in
-# about a minute on 2 CPU cores.
+# The embedded default (``make demo``): digits, eight small models, the four
+# probes; its run time is measured in README.md (budget: 5 minutes on 2 cores).
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "digits",
     "seed": 0,
