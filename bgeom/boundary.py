@@ -51,8 +51,9 @@ REFINE_STEPS = 30
 CONVERGED = 0  # the label flipped and the point was refined onto F = 0
 NOT_FLIPPED = 1  # the search ended (max_iter) without reaching the adverse class
 NO_BRACKET = 2  # F does not change sign along the segment: nothing to refine
-NONFINITE = 3  # NaN/Inf logits or gradients
-STATUS_NAMES = ("converged", "not_flipped", "no_bracket", "nonfinite")
+NONFINITE = 3  # NaN/Inf logits or gradients, or a zero normal at the refined point
+ZERO_GRADIENT = 4  # every (projected) gradient difference vanished: no linearised step exists
+STATUS_NAMES = ("converged", "not_flipped", "no_bracket", "nonfinite", "zero_gradient")
 
 
 @functools.partial(
@@ -212,6 +213,8 @@ class Search(NamedTuple):
       reached: the search reached what it looked for (untargeted: a label other
         than ``label``; targeted: the target).
       finite: every quantity along the way was finite.
+      stalled: the search stopped at a zero (projected) gradient difference:
+        to first order no step changes the logits it follows.
     """
 
     perturbation: jax.Array
@@ -220,6 +223,7 @@ class Search(NamedTuple):
     iterations: jax.Array
     reached: jax.Array
     finite: jax.Array
+    stalled: jax.Array
 
 
 class _DeepFoolState(NamedTuple):
@@ -227,6 +231,7 @@ class _DeepFoolState(NamedTuple):
     r: jax.Array
     label: jax.Array  # the label at the overshot point
     ok: jax.Array  # the last linearisation was finite and non-degenerate
+    stalled: jax.Array  # it was finite with every gradient difference zero
 
 
 def deepfool_search(
@@ -259,22 +264,26 @@ def deepfool_search(
         w_norm = flat_norm(lin.w)
         pert = jnp.where(w_norm > 0, jnp.abs(lin.g) / jnp.where(w_norm > 0, w_norm, 1.0), jnp.inf)
         best = jnp.argmin(pert)
+        finite = jnp.all(jnp.isfinite(lin.logits)) & jnp.all(jnp.isfinite(lin.w))
         ok = jnp.isfinite(pert[best]) & jnp.all(jnp.isfinite(lin.logits))
+        stalled = finite & jnp.all(w_norm == 0)
         r = jnp.where(
             ok,
             s.r + step_to_hyperplane(lin.g[best], lin.w[best], jnp.where(ok, w_norm[best], 1.0)),
             s.r,
         )
         label = jnp.argmax(f(_overshot_point(x, r, options)))
-        return _DeepFoolState(s.iterations + 1, r, label, ok)
+        return _DeepFoolState(s.iterations + 1, r, label, ok, stalled)
 
     def running(s: _DeepFoolState) -> jax.Array:
         return (s.iterations < options.max_iter) & (s.label == k0) & s.ok
 
-    init = _DeepFoolState(jnp.asarray(0, jnp.int32), jnp.zeros_like(x), k0, jnp.asarray(True))
+    init = _DeepFoolState(
+        jnp.asarray(0, jnp.int32), jnp.zeros_like(x), k0, jnp.asarray(True), jnp.asarray(False)
+    )
     end = jax.lax.while_loop(running, step, init)
     perturbation = _overshot_point(x, end.r, options) - x
-    finite = end.ok & jnp.isfinite(jnp.linalg.norm(perturbation.ravel()))
+    finite = (end.ok | end.stalled) & jnp.isfinite(jnp.linalg.norm(perturbation.ravel()))
     return Search(
         perturbation=perturbation,
         label=k0.astype(jnp.int32),
@@ -282,6 +291,7 @@ def deepfool_search(
         iterations=end.iterations,
         reached=end.label != k0,
         finite=finite & jnp.all(jnp.isfinite(logits0)),
+        stalled=end.stalled,
     )
 
 
@@ -290,6 +300,7 @@ class _TargetedState(NamedTuple):
     r: jax.Array
     reached: jax.Array  # the label at the overshot point is the target
     ok: jax.Array
+    stalled: jax.Array  # a finite linearisation with a zero gradient difference
 
 
 def targeted_search(
@@ -319,16 +330,24 @@ def targeted_search(
         (w,) = vjp(cotangent)
         g = cotangent @ logits
         w_norm = jnp.linalg.norm(w.ravel())
-        ok = (w_norm > 0) & jnp.isfinite(w_norm) & jnp.isfinite(g) & jnp.all(jnp.isfinite(logits))
+        finite = jnp.isfinite(w_norm) & jnp.isfinite(g) & jnp.all(jnp.isfinite(logits))
+        ok = (w_norm > 0) & finite
         move = ok & ~reached
         r = jnp.where(move, s.r + step_to_hyperplane(g, w, jnp.where(ok, w_norm, 1.0)), s.r)
-        return _TargetedState(s.iterations + move.astype(jnp.int32), r, reached, ok | reached)
+        stalled = finite & (w_norm == 0) & ~reached
+        return _TargetedState(
+            s.iterations + move.astype(jnp.int32), r, reached, ok | reached, stalled
+        )
 
     def running(s: _TargetedState) -> jax.Array:
         return (s.iterations < options.max_iter) & ~s.reached & s.ok
 
     init = _TargetedState(
-        jnp.asarray(0, jnp.int32), jnp.zeros_like(x), jnp.asarray(False), jnp.asarray(True)
+        jnp.asarray(0, jnp.int32),
+        jnp.zeros_like(x),
+        jnp.asarray(False),
+        jnp.asarray(True),
+        jnp.asarray(False),
     )
     end = jax.lax.while_loop(running, step, init)
     # Clean and final logits in one batched call (the final point is tested once
@@ -338,13 +357,15 @@ def targeted_search(
     adv_label = jnp.argmax(logits_end)
     perturbation = point - x
     finite = jnp.all(jnp.isfinite(logits0)) & jnp.all(jnp.isfinite(logits_end))
+    finite = finite & (end.ok | end.stalled) & jnp.isfinite(jnp.linalg.norm(perturbation.ravel()))
     return Search(
         perturbation=perturbation,
         label=jnp.argmax(logits0).astype(jnp.int32),
         adv_label=adv_label.astype(jnp.int32),
         iterations=end.iterations,
         reached=adv_label == target,
-        finite=end.ok & jnp.isfinite(jnp.linalg.norm(perturbation.ravel())) & finite,
+        finite=finite,
+        stalled=end.stalled,
     )
 
 
@@ -441,14 +462,15 @@ class BoundaryPoint(NamedTuple):
 def boundary_status(search: Search, bracket: jax.Array, normal_ok: Any = True) -> jax.Array:
     """The ``STATUS_NAMES`` code of a search refined with a (valid or not) bracket.
 
-    In order: a non-finite search, no flip (also a targeted search whose target
-    is the clean label), no sign change of ``F`` along the segment, and a
+    In order: a non-finite search, no flip (a zero gradient difference that
+    stopped the search, else the budget; also a targeted search whose target is
+    the clean label), no sign change of ``F`` along the segment, and a
     non-finite or zero normal at the refined point.
     """
     flipped = search.reached & (search.adv_label != search.label)
     status = jnp.where(normal_ok, CONVERGED, NONFINITE)
     status = jnp.where(bracket, status, NO_BRACKET)
-    status = jnp.where(flipped, status, NOT_FLIPPED)
+    status = jnp.where(flipped, status, jnp.where(search.stalled, ZERO_GRADIENT, NOT_FLIPPED))
     return jnp.where(search.finite, status, NONFINITE).astype(jnp.int32)
 
 

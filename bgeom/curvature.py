@@ -17,9 +17,12 @@ gradients at a scale ``h`` for piecewise-linear networks, chosen by
 ``operator="auto"``), then Lanczos (``bgeom.spectra``, matfree). A dense
 oracle (``jax.hessian`` + ``eigh``) exists for small inputs and tests. Every
 result records the operator and scale it used, ``converged`` and a ``status``
-(``STATUS_NAMES``): if a network hides its piecewise linearity from ``auto``'s
-check and the exact spectrum comes back identically zero, the status is
-``zero_spectrum``, never a flat spectrum marked converged. See
+(``STATUS_NAMES``). A spectrum of zeros is never a result: finite differences
+on a ReLU net are exactly zero below the distance to the nearest change of
+activation pattern, so the default scale grows until the operator sees the
+bend, and an operator still flat at the largest scale is ``flat_at_scale``;
+if a network hides its piecewise linearity from ``auto``'s check and the
+exact spectrum comes back identically zero, the status is ``zero_spectrum``. See
 docs/curvature.md.
 
 References:
@@ -79,7 +82,8 @@ __all__ = [
 CONVERGED = boundary.CONVERGED
 NONFINITE = boundary.NONFINITE
 ZERO_SPECTRUM = len(boundary.STATUS_NAMES)  # auto chose exact HVPs and got all zeros
-STATUS_NAMES = (*boundary.STATUS_NAMES, "zero_spectrum")
+FLAT_AT_SCALE = ZERO_SPECTRUM + 1  # finite differences stay exactly zero at the largest scale
+STATUS_NAMES = (*boundary.STATUS_NAMES, "zero_spectrum", "flat_at_scale")
 
 
 class CurvatureResult(NamedTuple):
@@ -192,28 +196,35 @@ def _default_key(key: Any) -> jax.Array:
     return jax.random.PRNGKey(0) if key is None else key
 
 
+def _scale_key(key: jax.Array) -> jax.Array:
+    """The key of the probe directions that choose the finite-difference scale."""
+    return jax.random.fold_in(key, 1)
+
+
 class _Found(NamedTuple):
     """A boundary point found from ``x`` and the finite-difference scale it gets."""
 
     z: jax.Array
     label: jax.Array
     adv_label: jax.Array
-    status: jax.Array  # boundary.STATUS_NAMES code
+    status: jax.Array  # boundary.STATUS_NAMES code, or FLAT_AT_SCALE
     scale: jax.Array
 
 
-def _find(apply_fn, params, x, options, fd_scale, h, operator) -> _Found:
+def _find(apply_fn, params, x, options, fd_scale, h, operator, key) -> _Found:
     """DeepFool's boundary point refined onto ``F = 0`` and its scale ``h`` (traceable)."""
     search, z, bracket = boundary.find_boundary_point(apply_fn, params, x, options)
+    F = boundary.pair_function(apply_fn, params, search.label, search.adv_label)
     distance = operators.norm(z - x)
-    scale = operators.finite_difference_scale(operator, h, fd_scale, distance, x.dtype)
+    scale = operators.finite_difference_scale(operator, F, z, key, h, fd_scale, distance)
     status = boundary.boundary_status(search, bracket)
-    return _Found(z, search.label, search.adv_label, status, scale)
+    status = jnp.where((status == CONVERGED) & scale.flat, FLAT_AT_SCALE, status)
+    return _Found(z, search.label, search.adv_label, status, scale.h)
 
 
-def _status(found: jax.Array, finite: jax.Array, nonzero: Any = True) -> jax.Array:
-    """``STATUS_NAMES`` code: the boundary's failure, else the spectrum's."""
-    spectrum = jnp.where(finite, jnp.where(nonzero, CONVERGED, ZERO_SPECTRUM), NONFINITE)
+def _status(found: jax.Array, finite: jax.Array, nonzero: Any = True, zero: int = 0) -> jax.Array:
+    """``STATUS_NAMES`` code: the boundary's failure, else the spectrum's (``zero`` if all 0)."""
+    spectrum = jnp.where(finite, jnp.where(nonzero, CONVERGED, zero), NONFINITE)
     return jnp.where(found == CONVERGED, spectrum, found).astype(jnp.int32)
 
 
@@ -244,11 +255,13 @@ def _principal_curvatures_core(
     finite = (
         jnp.all(jnp.isfinite(vals)) & jnp.all(jnp.isfinite(residuals)) & jnp.isfinite(gnorm)
     ) & (gnorm > 0)
-    nonzero = jnp.asarray(True)
-    if auto and operator == "exact":
-        # An exact spectrum at the jitter's level is a hidden piecewise-linear net.
-        nonzero = jnp.any(jnp.abs(vals) > 1e3 * operators.JITTER)
-    return vals, vecs, n, residuals, _status(jnp.int32(CONVERGED), finite, nonzero)
+    # A spectrum at the jitter's level is no result: for exact HVPs (``auto``) a
+    # hidden piecewise-linear net, for finite differences a scale too small.
+    nonzero = jnp.any(jnp.abs(vals) > 1e3 * operators.JITTER)
+    zero = ZERO_SPECTRUM if operator == "exact" else FLAT_AT_SCALE
+    if operator == "exact" and not auto:
+        nonzero = jnp.asarray(True)
+    return vals, vecs, n, residuals, _status(jnp.int32(CONVERGED), finite, nonzero, zero)
 
 
 @functools.partial(
@@ -265,7 +278,7 @@ def _principal_curvatures_core(
 def _boundary_curvature_core(
     apply_fn, params, x, options, fd_scale, h, key, *, k, which, num_matvecs, operator, auto
 ):
-    b = _find(apply_fn, params, x, options, fd_scale, h, operator)
+    b = _find(apply_fn, params, x, options, fd_scale, h, operator, _scale_key(key))
     vals, vecs, n, residuals, spectrum = _principal_curvatures_core(
         apply_fn,
         params,
@@ -333,10 +346,17 @@ def boundary_curvature(
         exact up to rounding.
       operator: ``"auto"`` (default: exact HVPs unless the network is piecewise
         linear, then finite differences), ``"exact"`` or ``"fd"``.
-      fd_scale: finite-difference scale relative to the distance ``||z - x||``
-        to the boundary (``h = fd_scale * ||z - x||``, at least 1e-4).
-      h: an absolute finite-difference scale instead (overrides ``fd_scale``).
-      key: PRNG key of the Lanczos start vector (default: a fixed key).
+      fd_scale: the starting finite-difference scale relative to the distance
+        ``||z - x||`` to the boundary (``h = fd_scale * ||z - x||``, at least
+        1e-4). On a piecewise-linear network the operator is exactly zero when
+        no unit changes state within ``+-h``: ``h`` then doubles until the
+        gradient changes across ``+-h`` (``bgeom.operators``), up to twice
+        the distance; ``scale`` reports the ``h`` used and the status
+        ``flat_at_scale`` an operator that stayed flat.
+      h: an absolute finite-difference scale instead (used as given; a flat
+        operator there is ``flat_at_scale``).
+      key: PRNG key of the Lanczos start vector and of the probe directions
+        that choose the scale (default: a fixed key).
       deepfool: the settings of the DeepFool search for the boundary point
         (``bgeom.DeepFoolOptions``; default: its defaults).
 
@@ -532,7 +552,7 @@ def _dense_core(apply_fn, params, z, label, adv_label, h, *, operator):
 def _density_core(
     apply_fn, params, x, key, options, fd_scale, h, *, num_probes, num_matvecs, operator
 ):
-    b = _find(apply_fn, params, x, options, fd_scale, h, operator)
+    b = _find(apply_fn, params, x, options, fd_scale, h, operator, _scale_key(key))
     F = boundary.pair_function(apply_fn, params, b.label, b.adv_label)
     matvec, n, gnorm = operators.shape_operator(F, b.z, operator, b.scale)
     tridiag = decomp.tridiag_sym(num_matvecs, reortho="full", materialize=True, custom_vjp=False)
@@ -625,8 +645,9 @@ def curvature_density(
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "operator"))
-def _find_batch(apply_fn, params, xs, options, fd_scale, h, *, operator) -> _Found:
-    return jax.vmap(lambda x: _find(apply_fn, params, x, options, fd_scale, h, operator))(xs)
+def _find_batch(apply_fn, params, xs, options, fd_scale, h, key, *, operator) -> _Found:
+    key = _scale_key(key)
+    return jax.vmap(lambda x: _find(apply_fn, params, x, options, fd_scale, h, operator, key))(xs)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "m", "which", "num_matvecs", "operator"))
@@ -776,6 +797,7 @@ def shared_curved_subspace(
     m, num_matvecs = spectra.check_spectrum_args(fn, m, which, num_matvecs, x0.size)
     fd_scale, h = operators.check_fd_args(fn, fd_scale, h)
     resolved = operators.resolve_operator(operator, apply_fn, params, x0, fn)
+    key = _default_key(key)
     b = _find_batch(
         apply_fn,
         params,
@@ -783,6 +805,7 @@ def shared_curved_subspace(
         options,
         jnp.asarray(fd_scale, xs.dtype),
         jnp.asarray(0.0 if h is None else h, xs.dtype),
+        key,
         operator=resolved,
     )
     ok = b.status == CONVERGED

@@ -59,12 +59,14 @@ class AsymmetryScore(NamedTuple):
       score: ``-min_k scores``, the detection statistic (high means perturbed).
       label: the prediction ``khat(x)``.
       recovered_label: ``argmin_k scores``, the label proposed for a flagged input.
+      converged: every logit was finite (a NaN score is never a statistic).
     """
 
     scores: jax.Array
     score: jax.Array
     label: jax.Array
     recovered_label: jax.Array
+    converged: jax.Array
 
 
 def curved_directions(
@@ -82,6 +84,11 @@ def curved_directions(
       ``(num, H, W, C)``.
     """
     num = _checks.check_positive_int(num, "num", "curved_directions")
+    if _checks.is_concrete(radius) and not float(radius) > 0:
+        raise ValueError(
+            f"curved_directions: radius must be > 0 (zero-length directions measure nothing); "
+            f"got {radius}."
+        )
     basis = jnp.asarray(basis)
     if basis.ndim != 4:
         raise ValueError(
@@ -146,6 +153,7 @@ def _asymmetry_core(apply_fn, params, x, directions, *, num_classes):
         score=-rho[recovered],
         label=label.astype(jnp.int32),
         recovered_label=recovered.astype(jnp.int32),
+        converged=jnp.all(jnp.isfinite(logits)),
     )
 
 

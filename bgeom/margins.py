@@ -23,8 +23,11 @@ from bgeom import subspaces as subspaces_lib
 # ``MarginResult.status`` codes (index into STATUS_NAMES).
 CONVERGED = 0  # the label flipped (targeted: reached the target)
 MAX_ITER = 1  # max_iter steps without flipping
-NONFINITE = 2  # NaN/Inf logits or gradients, or a zero gradient difference
-STATUS_NAMES = ("converged", "max_iter", "nonfinite")
+NONFINITE = 2  # NaN/Inf logits or gradients
+# Every (projected) gradient difference is zero: to first order no step (in the
+# subspace) changes the label, e.g. a subspace the network is invariant to.
+ZERO_GRADIENT = 3
+STATUS_NAMES = ("converged", "max_iter", "nonfinite", "zero_gradient")
 
 
 class MarginResult(NamedTuple):
@@ -54,7 +57,8 @@ class MarginResult(NamedTuple):
 def _result(search: boundary.Search) -> MarginResult:
     """The ``MarginResult`` of a finished search."""
     converged = search.reached & search.finite
-    status = jnp.where(search.finite, jnp.where(search.reached, CONVERGED, MAX_ITER), NONFINITE)
+    stopped = jnp.where(search.stalled, ZERO_GRADIENT, MAX_ITER)
+    status = jnp.where(search.finite, jnp.where(search.reached, CONVERGED, stopped), NONFINITE)
     norm = jnp.linalg.norm(search.perturbation.ravel())
     return MarginResult(
         perturbation=search.perturbation,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend
@@ -238,12 +238,82 @@ def resolve_operator(operator: str, apply_fn: Callable, params: Any, x: jax.Arra
     return "fd" if flat else "exact"
 
 
-def finite_difference_scale(operator, h, fd_scale, distance, dtype):
-    """The finite-difference scale: ``h`` if positive, else ``fd_scale * distance``."""
+# How the finite-difference scale is chosen on a piecewise-linear network (see
+# ``finite_difference_scale``): the operator at scale h is flat (exactly zero)
+# when no unit changes state within +-h, so h starts at fd_scale x the distance
+# to the boundary and doubles while the gradient changes by less than
+# FLAT_TOLERANCE (relative) across +-h along most probe directions, up to
+# MAX_FD_SCALE x the distance (beyond that the bending is no longer local).
+FLAT_TOLERANCE = 1e-2
+MAX_FD_SCALE = 2.0
+SCALE_PROBES = 4
+
+
+def bending(grad_F: Callable, z: jax.Array, g: jax.Array, h: jax.Array, probes: jax.Array):
+    """The relative gradient change ``||grad F(z + h u) - grad F(z - h u)|| / (2 ||grad F(z)||)``.
+
+    Its median over the unit ``probes`` (the upper one: at least half of the
+    probes see at least this change): zero when the finite-difference operator
+    at scale ``h`` vanishes along most directions, as on a ReLU net when no
+    unit changes state within ``+-h``.
+    """
+    both = jax.vmap(grad_F)(jnp.concatenate([z + h * probes, z - h * probes]))
+    plus, minus = jnp.split(both, 2)
+    change = jnp.sqrt(jnp.sum(jnp.square((plus - minus).reshape(len(probes), -1)), axis=1))
+    return jnp.sort(change)[len(probes) // 2] / (2.0 * norm(g))
+
+
+class Scale(NamedTuple):
+    """The finite-difference scale of one boundary point.
+
+    Attributes:
+      h: the scale used (0 for exact HVPs).
+      flat: the operator is flat at ``h``: along most probe directions the
+        gradient changes by less than ``FLAT_TOLERANCE`` across ``+-h``.
+    """
+
+    h: jax.Array
+    flat: jax.Array
+
+
+def finite_difference_scale(
+    operator: str,
+    F: Callable,
+    z: jax.Array,
+    key: jax.Array,
+    h: jax.Array,
+    fd_scale: jax.Array,
+    distance: jax.Array,
+) -> Scale:
+    """The scale ``h`` at which the finite-difference operator sees the boundary bend.
+
+    A given ``h > 0`` is used as is. Otherwise ``h`` starts at
+    ``max(fd_scale * distance, MIN_H)`` and doubles while the operator is flat
+    there (no unit of a piecewise-linear network changes state within ``+-h``
+    along most of ``SCALE_PROBES`` random tangent directions), up to
+    ``MAX_FD_SCALE * distance``. ``flat`` reports an operator still flat at the
+    final scale: its spectrum would be zeros, which is not a result.
+    """
+    dtype = z.dtype
     if operator == "exact":
-        return jnp.zeros((), dtype)
-    relative = jnp.maximum(fd_scale * distance, MIN_H)
-    return jnp.where(h > 0, h, relative).astype(dtype)
+        return Scale(jnp.zeros((), dtype), jnp.asarray(False))
+    grad_F = jax.grad(F)
+    g = grad_F(z)
+    n = g / jnp.where(norm(g) > 0, norm(g), 1.0)
+    probes = jax.vmap(lambda k: tangent_start(k, n))(jax.random.split(key, SCALE_PROBES))
+    probes = probes / jax.vmap(norm)(probes).reshape((-1,) + (1,) * z.ndim)
+    given = h > 0
+    start = jnp.where(given, h, jnp.maximum(fd_scale * distance, MIN_H)).astype(dtype)
+    top = jnp.maximum(MAX_FD_SCALE * distance, start).astype(dtype)
+    flat_at = lambda s: bending(grad_F, z, g, s, probes) < FLAT_TOLERANCE
+
+    def grow(s: Scale) -> Scale:
+        scale = jnp.minimum(2.0 * s.h, top)
+        return Scale(scale, flat_at(scale))
+
+    first = Scale(start, flat_at(start))
+    final = jax.lax.while_loop(lambda s: s.flat & ~given & (s.h < top), grow, first)
+    return final
 
 
 def check_fd_args(fn: str, fd_scale: float, h: float | None) -> tuple[float, float]:

@@ -66,6 +66,9 @@ STATUS_NAMES = (
 
 PAIR_KINDS = ("natural", "natural-adversarial", "adversarial")
 
+# Anchors go this many minimal pushes deep into the class region (see find_path).
+DEFAULT_PUSH_DEPTH = 3.0
+
 
 class PathResult(NamedTuple):
     """A path between two points of one class, verified by dense re-sampling.
@@ -221,8 +224,10 @@ def _search_step(
     # When no entry needs one (most steps), lax.cond skips the pushes.
     expand = lambda v: v.reshape((-1,) + (1,) * (a.ndim - 1))
     start = jnp.where(expand(attempt), 0.5 * (a + b), a)
+    # An anchor may go at most half the segment's length into the class.
+    reach = 0.5 * jnp.sqrt(jnp.sum(jnp.square((b - a).reshape(batch, -1)), axis=1))
     anchor, pushed = jax.lax.cond(
-        jnp.any(attempt), push, lambda z, _: (z, jnp.zeros(batch, bool)), start, lab
+        jnp.any(attempt), push, lambda z, *_: (z, jnp.zeros(batch, bool)), start, lab, reach
     )
     fail = cand & ~(room & shallow & pushed)
     code = jnp.where(~room, MAX_ANCHORS, jnp.where(~shallow, MAX_DEPTH, PUSH_FAILED))
@@ -243,6 +248,41 @@ def _search_step(
         crossing=pool.crossing.at[p].add((applied & ~ok).astype(jnp.int32)),
         status=status,
     )
+
+
+def _push_depths(depth: float) -> tuple[float, ...]:
+    """Multiples of the minimal push tried for an anchor, deepest first, ending at 1."""
+    if depth <= 1.0:
+        return (1.0,)
+    return (depth, 1.0 + (depth - 1.0) / 2, 1.0 + (depth - 1.0) / 4, 1.0)
+
+
+def _deepest(
+    f: Callable,
+    z: jax.Array,
+    p: jax.Array,
+    label: jax.Array,
+    reach: jax.Array,
+    depths: tuple[float, ...],
+) -> jax.Array:
+    """``z + k p`` for the largest ``k`` in ``depths`` still in class ``label``, within ``reach``.
+
+    ``p`` is the minimal push of ``z`` into ``label`` (``k = 1``, the last of
+    ``depths``, always qualifies: the search checked it). Anchors pushed just
+    across the region's edge make the chords beside them cut the same corner
+    again; deeper anchors need fewer of them.
+    """
+    if len(depths) == 1:
+        return z + p
+    k = jnp.asarray(depths, z.dtype)
+    expand = (slice(None),) + (None,) * z.ndim
+    tried = z[None] + k[expand] * p[None]  # (K, batch, ...)
+    labels = jnp.argmax(jax.vmap(jax.vmap(f))(tried), axis=-1)
+    length = jnp.sqrt(jnp.sum(jnp.square(p.reshape(len(p), -1)), axis=1))
+    fits = (labels == label[None]) & (k[:, None] * length[None] <= jnp.maximum(reach, length))
+    fits = fits.at[-1].set(True)
+    first = jnp.argmax(fits, axis=0)  # the deepest that fits
+    return tried[first, jnp.arange(len(p))]
 
 
 def _path_order(points: jax.Array, nxt: jax.Array) -> jax.Array:
@@ -305,7 +345,7 @@ def _verify(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("apply_fn", "max_anchors", "samples", "verify_samples", "batch"),
+    static_argnames=("apply_fn", "max_anchors", "samples", "verify_samples", "batch", "push_depth"),
 )
 def _find_paths_core(
     apply_fn: Callable,
@@ -319,6 +359,7 @@ def _find_paths_core(
     samples: int,
     verify_samples: int,
     batch: int,
+    push_depth: float,
 ) -> PathResult:
     """The search for N pairs at once (leading axis of x1, x2) from one segment pool.
 
@@ -330,9 +371,10 @@ def _find_paths_core(
     batch = min(batch, num * size)
     ts = jnp.linspace(0.0, 1.0, samples, dtype=x1.dtype)
 
-    def pushed_points(z, lab):
+    def pushed_points(z, lab, reach):
         res = jax.vmap(lambda m, t: boundary.targeted_search(apply_fn, params, m, t, push))(z, lab)
-        return z + res.perturbation, res.reached & res.finite
+        anchor = _deepest(f, z, res.perturbation, lab, reach, _push_depths(push_depth))
+        return anchor, res.reached & res.finite
 
     pool, label = _init_pool(f, x1, x2, size)
     pool = jax.lax.while_loop(
@@ -418,7 +460,13 @@ def _prepare(
         "verify_samples": _checks.check_positive_int(
             options["verify_samples"], "verify_samples", name, minimum=100
         ),
+        "push_depth": _checks.check_nonnegative_float(options["push_depth"], "push_depth", name),
     }
+    if core["push_depth"] < 1:
+        raise ValueError(
+            f"{name}: push_depth must be >= 1 (1: the minimal push onto the region's edge); "
+            f"got {core['push_depth']}."
+        )
     if all(_checks.is_concrete(a) for a in jax.tree.leaves((params, x1, x2))):
         _check_same_class(name, apply_fn, params, x1, x2, batched)
     return x1, x2, push, core
@@ -467,14 +515,16 @@ def find_path(
     samples: int = 100,
     verify_samples: int = 128,
     push: boundary.DeepFoolOptions | None = None,
+    push_depth: float = DEFAULT_PUSH_DEPTH,
 ) -> PathResult:
     """A path from x1 to x2 that never leaves their class region (if one is found).
 
     The recursion of docs/connectivity.md: the segment [a, b] is accepted when
     ``samples`` equally spaced points on it (ends included) all have the class
-    i = k(x1); otherwise its midpoint m, pushed into region i by
-    ``targeted_deepfool`` when k(m) != i, becomes an anchor and [a, m], [m, b]
-    are examined (breadth-first). The search stops unsuccessfully when a
+    i = k(x1); otherwise its midpoint m, pushed into region i when k(m) != i
+    (``push_depth`` times the minimal targeted DeepFool push, so the anchor
+    lies well inside the region), becomes an anchor and [a, m], [m, b] are
+    examined (breadth-first). The search stops unsuccessfully when a
     segment that leaves the region cannot be split: all ``max_anchors`` used,
     depth ``max_depth`` reached, or the push failed. The returned path is then
     verified on an independent grid of ``verify_samples`` points per segment.
@@ -496,9 +546,13 @@ def find_path(
       verify_samples: points per segment of the final check (>= 100).
       push: the settings of the targeted DeepFool pushes of anchors
         (``bgeom.DeepFoolOptions``: ``overshoot``, ``max_iter``, ``bounds``;
-        ``candidates`` does not apply). The minimal push (overshoot 0.02)
-        leaves anchors just inside the region, so paths around a protruding
-        region need many anchors; a larger overshoot needs fewer.
+        ``candidates`` does not apply).
+      push_depth: how deep an anchor goes into the region, in multiples of
+        the minimal push ``p`` (default 3): the deepest of ``3p, 2p, 1.5p, p``
+        (for the default) that the model still puts in class i and that is no
+        longer than half the segment. Anchors pushed just across the region's
+        edge (``push_depth=1``) make the chords beside them cut the same
+        corner again, and paths around a hole then need many anchors.
 
     Returns:
       ``PathResult``; ``connected`` is the verified answer and ``status`` says
@@ -520,6 +574,7 @@ def find_path(
         samples=samples,
         verify_samples=verify_samples,
         push=push,
+        push_depth=push_depth,
     )
     x1, x2, push, core = _prepare("find_path", apply_fn, params, x1, x2, options, batched=False)
     depth = jnp.asarray(core.pop("max_depth"), jnp.int32)
@@ -539,6 +594,7 @@ def find_paths(
     samples: int = 100,
     verify_samples: int = 128,
     push: boundary.DeepFoolOptions | None = None,
+    push_depth: float = DEFAULT_PUSH_DEPTH,
 ) -> PathResult:
     """``find_path`` for N pairs at once, from one pool of pending segments.
 
@@ -557,7 +613,8 @@ def find_paths(
       apply_fn, params: the model, as in ``find_path``.
       x1, x2: (N, H, W, C) batches of pairs; pair k is ``(x1[k], x2[k])``.
       batch: segments tested per step (each costs ``samples`` forward passes).
-      max_anchors, max_depth, samples, verify_samples, push: as in ``find_path``.
+      max_anchors, max_depth, samples, verify_samples, push, push_depth: as in
+        ``find_path``.
 
     Returns:
       ``PathResult`` with a leading axis of length N on every field.
@@ -573,6 +630,7 @@ def find_paths(
         samples=samples,
         verify_samples=verify_samples,
         push=push,
+        push_depth=push_depth,
     )
     x1, x2, push, core = _prepare("find_paths", apply_fn, params, x1, x2, options, batched=True)
     batch = _checks.check_positive_int(batch, "batch", "find_paths")

@@ -266,11 +266,15 @@ class LoopState(NamedTuple):
       history: per-epoch arrays of shape (epochs, members): the mean of each
         step metric (``loss`` and the loss's ``metrics``) over the epoch, and
         whatever the per-epoch hook returned; NaN where not yet computed.
+      pending: the step metrics of the current, unfinished epoch, arrays of
+        shape (steps per epoch, members) filled up to ``step``; saved with the
+        checkpoint so that an interrupted epoch loses none of its steps.
     """
 
     train: TrainState
     step: int
     history: dict[str, np.ndarray]
+    pending: dict[str, np.ndarray] = {}
 
 
 # on_epoch(epoch, train_state) -> {name: (members,) values} or None.
@@ -348,14 +352,17 @@ def _restore(manager: Any, loop: LoopState) -> LoopState:
     latest = manager.latest_step()
     if latest is None:
         return loop
-    # The history's entries are whatever the run recorded: read them from the checkpoint.
-    saved = manager.item_metadata(latest)["history"]
-    history = {k: np.zeros(m.shape, m.dtype) for k, m in saved.items()}
-    target = {**_checkpoint_tree(loop.train), "history": history}
+    # The history's entries are whatever the run recorded: read them from the
+    # checkpoint (checkpoints written before "pending" existed have none).
+    meta = manager.item_metadata(latest)
+    target = {**_checkpoint_tree(loop.train)}
+    for part in ("history", "pending"):
+        if part in meta:
+            target[part] = {k: np.zeros(m.shape, m.dtype) for k, m in meta[part].items()}
     restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
     train_state = TrainState(restored["params"], restored["rest"], restored["opt_state"])
-    history = {k: np.asarray(v) for k, v in restored["history"].items()}
-    return LoopState(train_state, int(latest), history)
+    arrays = lambda part: {k: np.asarray(v) for k, v in restored.get(part, {}).items()}
+    return LoopState(train_state, int(latest), arrays("history"), arrays("pending"))
 
 
 def _checkpoint_tree(ts: TrainState) -> dict[str, Any]:
@@ -363,12 +370,15 @@ def _checkpoint_tree(ts: TrainState) -> dict[str, Any]:
     return {"params": ts.params, "rest": ts.state, "opt_state": ts.opt_state}
 
 
-def _save(manager: Any, loop: LoopState) -> None:
-    if manager is None or manager.latest_step() == loop.step:
+def _save(manager: Any, loop: LoopState, force: bool = False) -> None:
+    """Checkpoint ``loop`` (a step already saved is replaced only with ``force``)."""
+    if manager is None or (manager.latest_step() == loop.step and not force):
         return
+    if manager.latest_step() == loop.step:
+        manager.delete(loop.step)
     import orbax.checkpoint as ocp
 
-    tree = {**_checkpoint_tree(loop.train), "history": loop.history}
+    tree = {**_checkpoint_tree(loop.train), "history": loop.history, "pending": loop.pending}
     manager.save(loop.step, args=ocp.args.StandardSave(tree), force=True)
     manager.wait_until_finished()
 
@@ -395,20 +405,29 @@ def _take(data: Any, idx: np.ndarray) -> Any:
     return jax.tree.map(lambda a: jnp.asarray(a[idx]), data)
 
 
+def _record_step(loop: LoopState, metrics: Mapping[str, jax.Array], steps_per_epoch: int) -> None:
+    """Keep one finished step's metrics in ``loop.pending`` (its row of the epoch)."""
+    row = (loop.step - 1) % steps_per_epoch
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        loop.pending.setdefault(k, np.full((steps_per_epoch, *v.shape), np.nan, v.dtype))[row] = v
+
+
 def _end_epoch(
     loop: LoopState,
     epoch: int,
-    metrics: Mapping[str, list],
     on_epoch: EpochHook | None,
     epochs: int,
 ) -> None:
     """Record the epoch's mean step metrics and the hook's values in the history."""
-    values = {k: np.mean(np.asarray(v), 0) for k, v in metrics.items()}
+    values = {k: np.mean(v, 0) for k, v in loop.pending.items()}
     if on_epoch is not None:
         values.update(on_epoch(epoch, loop.train) or {})
     members = len(jax.tree.leaves(loop.train.params)[0])
     for k, v in values.items():
         loop.history.setdefault(k, np.full((epochs, members), np.nan, np.float32))[epoch] = v
+    # Only now: an interruption before this point finds the steps still pending.
+    loop.pending.clear()
 
 
 def train_loop(
@@ -464,7 +483,7 @@ def train_loop(
     steps_per_epoch = _steps_per_epoch(_num_examples(data), batch_size)
     total_steps = steps_per_epoch * epochs
     # A copy: the step donates its input buffers, the caller keeps ``init``.
-    loop = LoopState(jax.tree.map(jnp.array, init), 0, {})
+    loop = LoopState(jax.tree.map(jnp.array, init), 0, {}, {})
     manager = None
     if checkpoint_dir is not None:
         manager = _checkpoint_manager(checkpoint_dir, record or {})
@@ -482,15 +501,17 @@ def train_loop(
     )
     try:
         with _sigterm_as_interrupt():
+            if loop.pending and loop.step % steps_per_epoch == 0:
+                # Interrupted after an epoch's last step but before its end was recorded.
+                _end_epoch(loop, loop.step // steps_per_epoch - 1, on_epoch, epochs)
+                _save(manager, loop, force=True)
             while loop.step < total_steps:
                 epoch = loop.step // steps_per_epoch
-                metrics: dict[str, list] = {}
                 for after, step_metrics in _epoch_steps(step_fn, loop, data, seeds, batch_size):
                     loop = after  # the last finished step, saved if interrupted
-                    for k, v in step_metrics.items():
-                        metrics.setdefault(k, []).append(v)
+                    _record_step(loop, step_metrics, steps_per_epoch)
                     bar.update(1)
-                _end_epoch(loop, epoch, metrics, on_epoch, epochs)
+                _end_epoch(loop, epoch, on_epoch, epochs)
                 bar.set_postfix(
                     epoch=epoch + 1,
                     **{k: f"{float(np.mean(v[epoch])):.3f}" for k, v in loop.history.items()},

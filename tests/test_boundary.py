@@ -103,6 +103,20 @@ def test_failures_are_statuses():
     assert boundary.STATUS_NAMES[int(res.status)] == "nonfinite"
 
 
+def test_a_critical_point_is_zero_gradient():
+    # f_1 - f_0 = |x|^2 - 1: at the origin every gradient vanishes.
+    apply_fn = lambda p, x: jnp.stack([p - jnp.sum(jnp.square(x)), jnp.zeros(())])
+    res = bgeom.boundary_point(apply_fn, jnp.float32(1.0), jnp.zeros((2, 1, 1)))
+    assert not bool(res.converged)
+    assert boundary.STATUS_NAMES[int(res.status)] == "zero_gradient"
+    res = bgeom.boundary_point(apply_fn, jnp.float32(1.0), jnp.zeros((2, 1, 1)), target=1)
+    assert boundary.STATUS_NAMES[int(res.status)] == "zero_gradient"
+    # Off the critical point the same model has an exact answer: the unit circle.
+    res = bgeom.boundary_point(apply_fn, jnp.float32(1.0), jnp.full((2, 1, 1), 0.3))
+    assert bool(res.converged)
+    np.testing.assert_allclose(float(jnp.linalg.norm(res.point)), 1.0, rtol=1e-5)
+
+
 def test_step_to_hyperplane_crosses_an_affine_boundary_by_the_fixed_margin():
     w = jnp.asarray([3.0, -4.0])
     g = jnp.asarray(-2.0)  # g + <w, dz> = 0 at distance 0.4

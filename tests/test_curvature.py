@@ -148,7 +148,14 @@ def test_relu_default_is_finite_differences_and_not_flat(relu_mlp):
     assert bool(res.converged)
     assert curvature.OPERATORS[int(res.operator)] == "fd"
     distance = float(jnp.linalg.norm(res.boundary_point - x))
-    np.testing.assert_allclose(float(res.scale), curvature.DEFAULT_FD_SCALE * distance, rtol=1e-5)
+    # The scale starts at DEFAULT_FD_SCALE x the distance and only ever doubles
+    # (up to twice the distance) while the operator is flat.
+    ratio = float(res.scale) / (curvature.DEFAULT_FD_SCALE * distance)
+    doublings = np.log2(ratio)
+    assert ratio >= 1 - 1e-5 and float(res.scale) <= 2 * distance * (1 + 1e-5)
+    assert abs(doublings - round(doublings)) < 1e-4 or float(res.scale) == pytest.approx(
+        2 * distance
+    )
     kappa = np.asarray(res.curvatures)
     assert np.all(np.isfinite(kappa)) and np.any(np.abs(kappa) > 1e-3)
     # Asking for exact HVPs of a piecewise-linear net is refused with what to do.
@@ -158,6 +165,57 @@ def test_relu_default_is_finite_differences_and_not_flat(relu_mlp):
     res_h = curvature.boundary_curvature(apply_fn, params, x, k=6, which="both", h=0.05)
     assert float(res_h.scale) == pytest.approx(0.05)
     assert not np.allclose(np.asarray(res_h.curvatures), kappa)
+
+
+def _wide_region_relu(shift, seed=0, d=16, hidden=32):
+    """A ReLU net whose units are all active within about ``shift`` of the origin."""
+    rng = np.random.default_rng(seed)
+    W1 = rng.standard_normal((hidden, d)) / np.sqrt(d)
+    W2 = rng.standard_normal((3, hidden)) / np.sqrt(hidden)
+    params = tuple(jnp.asarray(a, jnp.float32) for a in (W1, np.full(hidden, shift), W2))
+    return (lambda p, x: p[2] @ jax.nn.relu(p[0] @ x.ravel() + p[1])), params
+
+
+def _nearest_kink(params, z):
+    """Distance from z to the nearest hyperplane where a hidden unit switches."""
+    W1, b1 = (np.asarray(a, np.float64) for a in params[:2])
+    pre = W1 @ np.asarray(z, np.float64).ravel() + b1
+    return float(np.min(np.abs(pre) / np.linalg.norm(W1, axis=1)))
+
+
+def test_relu_scale_grows_until_the_operator_sees_a_kink_or_says_flat():
+    x = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (4, 4, 1))
+    # Every unit active far beyond twice the distance to the boundary: the net
+    # is affine there, so the operator is zero at every scale allowed.
+    apply_fn, params = _wide_region_relu(5.0)
+    res = curvature.boundary_curvature(apply_fn, params, x, k=4, which="both")
+    distance = float(jnp.linalg.norm(res.boundary_point - x))
+    assert _nearest_kink(params, res.boundary_point) > 2 * distance
+    assert not bool(res.converged)
+    assert curvature.STATUS_NAMES[int(res.status)] == "flat_at_scale"
+    np.testing.assert_allclose(float(res.scale), 2 * distance, rtol=1e-5)
+    # A given scale below the nearest kink is used as given, and said to be flat.
+    res_h = curvature.boundary_curvature(apply_fn, params, x, k=4, which="both", h=1e-3)
+    assert float(res_h.scale) == pytest.approx(1e-3)
+    assert curvature.STATUS_NAMES[int(res_h.status)] == "flat_at_scale"
+    # Kinks a little farther than the starting scale: h grows past them.
+    apply_fn, params = _wide_region_relu(0.05)
+    res = curvature.boundary_curvature(apply_fn, params, x, k=4, which="both")
+    distance = float(jnp.linalg.norm(res.boundary_point - x))
+    assert bool(res.converged)
+    assert float(res.scale) > 1.5 * curvature.DEFAULT_FD_SCALE * distance
+    assert float(res.scale) > _nearest_kink(params, res.boundary_point)
+    assert np.any(np.abs(np.asarray(res.curvatures)) > 1e-3)
+
+
+def test_relu_mlp_at_a_random_input_is_not_flat_by_default():
+    model = models.create("mlp", (28, 28, 1), 10, hidden=(256, 256), activation="relu")
+    apply_fn, params = models.functional(model)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (28, 28, 1))
+    res = curvature.boundary_curvature(apply_fn, params, x, k=5)
+    print("ReLU MLP 784-256-256-10:", np.asarray(res.curvatures), "h", float(res.scale))
+    assert bool(res.converged) and float(res.scale) > 0
+    assert float(np.max(np.abs(np.asarray(res.curvatures)))) > 1e-2
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,15 @@ def test_misuse_raises(quadratic):
         detection.asymmetry_score(apply_fn, params, x, dirs[0])
     with pytest.raises(ValueError, match="jax.vmap"):
         detection.asymmetry_score(apply_fn, params, jnp.stack([x, x]), dirs)
+    with pytest.raises(ValueError, match="radius"):
+        detection.curved_directions(jax.random.PRNGKey(0), _random_basis(0, 3), 4, 0.0)
+
+
+def test_non_finite_logits_are_not_a_score(quadratic):
+    apply_fn, params, x, dirs = quadratic
+    score = jax.jit(lambda z: detection.asymmetry_score(apply_fn, params, z, dirs))
+    assert bool(score(x).converged)
+    assert not bool(score(x.at[0, 0, 0].set(jnp.nan)).converged)
 
 
 def test_digits_detection_and_label_recovery():

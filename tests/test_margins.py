@@ -186,3 +186,21 @@ def test_targeted_deepfool_bad_target(target, match):
     _, params = affine_classifier(0, 5)
     with pytest.raises(ValueError, match=match):
         bgeom.targeted_deepfool(AFFINE, params, jnp.zeros((4, 4, 1)), target)
+
+
+def test_a_subspace_the_classifier_ignores_is_zero_gradient_not_a_margin():
+    # The classifier reads only the first 8 pixels; the subspace spans the last 8.
+    W = np.zeros((3, 16), np.float32)
+    W[:, :8] = np.random.default_rng(0).standard_normal((3, 8))
+    params = (jnp.asarray(W), jnp.asarray([0.1, 0.0, -0.1], jnp.float32))
+    apply_fn = lambda p, x: p[0] @ x.ravel() + p[1]
+    basis = np.eye(16, dtype=np.float32)[8:].reshape(8, 4, 4, 1)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 4, 1))
+    res = bgeom.subspace_deepfool(apply_fn, params, x, bgeom.subspaces.from_basis(basis))
+    assert not bool(res.converged) and np.isinf(float(res.margin))
+    assert bgeom.margins.STATUS_NAMES[int(res.status)] == "zero_gradient"
+    assert int(res.iterations) == 1
+    # The same model along the pixels it reads: an ordinary margin.
+    seen = np.eye(16, dtype=np.float32)[:8].reshape(8, 4, 4, 1)
+    res = bgeom.subspace_deepfool(apply_fn, params, x, bgeom.subspaces.from_basis(seen))
+    assert bool(res.converged) and bgeom.margins.STATUS_NAMES[int(res.status)] == "converged"

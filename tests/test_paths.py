@@ -108,8 +108,60 @@ def test_failures_are_statuses_not_exceptions():
         samples=100,
         verify_samples=128,
         batch=1,
+        push_depth=3.0,
     )
     assert not bool(res.connected[0]) and int(res.status[0]) == paths.LABEL_MISMATCH
+
+
+def test_a_wide_hole_needs_few_anchors_with_deep_pushes():
+    # Hole of radius 2 in a ring of width 1: points on opposite sides, the
+    # chord through the middle of the hole.
+    wide = (jnp.float32(4.0), jnp.float32(9.0))
+    x1, x2 = point(-2.5 * np.cos(0.05), 2.5 * np.sin(0.05)), point(2.5, 0.02)
+    res = bgeom.find_path(annulus, wide, x1, x2)
+    print("wide hole: anchors", int(res.num_anchors), "length ratio", float(res.length_ratio))
+    assert bool(res.converged) and int(res.status) == paths.FOUND
+    assert 1 <= int(res.num_anchors) <= 8
+    pts = polyline(res)
+    assert all(segment_min_radius(a, b) > 2.0 for a, b in zip(pts[:-1], pts[1:], strict=True))
+    assert all(np.linalg.norm(a) < 3.0 for a in pts)
+    # Anchors pushed only onto the region's edge cut the same corner again and again.
+    shallow = bgeom.find_path(annulus, wide, x1, x2, push_depth=1.0)
+    assert int(shallow.status) == paths.MAX_ANCHORS
+
+
+def disk_hole(params, x):
+    """Class 1 inside the disk |x - c| < rho, class 0 everywhere else."""
+    c, rho = params
+    d2 = jnp.sum(jnp.square(x.reshape(-1) - c))
+    return jnp.stack([d2 - rho**2, jnp.zeros_like(d2)])
+
+
+DISK = (jnp.asarray([1.0, 0.0], jnp.float32), jnp.float32(0.2))
+
+
+def test_a_chord_grazing_another_class_is_not_accepted():
+    # The chord dips into the hole for about 6 % of its length.
+    a, b = point(-1.2, 0.9975), point(1.2, 0.9975)
+    ts = jnp.linspace(0.0, 1.0, 100)
+    inside = np.abs(np.linspace(-1.2, 1.2, 100)) < np.sqrt(1 - 0.9975**2)
+    assert 1 <= inside.sum() <= 8
+    assert not bool(paths._segment_keeps(lambda z: annulus(ANNULUS, z), a, b, ts, 0))
+    res = bgeom.find_path(annulus, ANNULUS, a, b)
+    assert not bool(res.straight_ok) and int(res.num_anchors) >= 1
+    assert bool(res.converged)
+
+
+def test_a_search_too_coarse_to_see_a_hole_is_not_connected():
+    # Samples at t = 0, 1/2, 1 miss the hole at t = 1/4: the search accepts the
+    # chord, the dense verification refuses it.
+    a, b = point(0.0, 0.05), point(4.0, 0.05)
+    res = bgeom.find_path(disk_hole, DISK, a, b, samples=3)
+    assert int(res.segments_tested) == 1 and int(res.num_anchors) == 0
+    assert int(res.status) == paths.VERIFY_FAILED
+    assert not bool(res.converged) and not bool(res.segment_ok[0])
+    fine = bgeom.find_path(disk_hole, DISK, a, b)
+    assert bool(fine.converged) and int(fine.num_anchors) >= 1
 
 
 # Pairs on the annulus needing 0 to about 10 anchors (with overshoot 0.3), and
@@ -126,7 +178,8 @@ RING = (
 _BALL_PTS = np.random.default_rng(0).uniform(-1.4, 1.4, (14, 2))  # |x| < 1.98 < R2
 BALL_PAIRS = (points(_BALL_PTS[:7]), points(_BALL_PTS[7:]))
 # Static options shared by the pooled tests (one compilation).
-POOL = dict(max_anchors=7, max_depth=8, push=bgeom.DeepFoolOptions(overshoot=0.3))
+# Minimal pushes (push_depth 1): the pairs then differ widely in difficulty.
+POOL = dict(max_anchors=7, max_depth=8, push=bgeom.DeepFoolOptions(overshoot=0.3), push_depth=1.0)
 
 
 def test_find_paths_equals_one_by_one_find_path():
@@ -253,6 +306,7 @@ def test_points_of_different_shapes_are_rejected():
         ({"max_depth": 1.5}, "max_depth"),
         ({"push": bgeom.DeepFoolOptions(overshoot=-1.0)}, "overshoot"),
         ({"push": {"overshoot": 0.1}}, "DeepFoolOptions"),
+        ({"push_depth": 0.5}, "push_depth"),
     ],
 )
 def test_bad_options(kwargs, match):

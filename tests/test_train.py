@@ -292,13 +292,41 @@ def test_train_loop_resumes_exactly_after_sigterm(tmp_path, monkeypatch):
     assert resumed.step == reference.step == 18
     for u, v in zip(jax.tree.leaves(reference.train), jax.tree.leaves(resumed.train), strict=True):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
-    # whole epochs on either side of the interruption have identical history
+    # The interrupted epoch keeps the metrics of its steps before the interruption:
+    # the whole history equals the uninterrupted run's.
     for k in reference.history:
-        np.testing.assert_array_equal(reference.history[k][[0, 2]], resumed.history[k][[0, 2]])
+        np.testing.assert_array_equal(reference.history[k], resumed.history[k])
     with pytest.raises(ValueError, match="different run"):
         train.train_loop(
             _mse_loss, tx, init, data_, checkpoint_dir=tmp_path, record={"what": "else"}, **run
         )
+
+
+def test_an_interruption_at_an_epoch_end_loses_no_history(tmp_path):
+    """Stopped while the epoch's end is evaluated: the rerun records that epoch."""
+    data_, _ = _regression_problem()
+    tx = optax.adam(0.05)
+    init = _regression_init(tx)
+    run = dict(seeds=[0, 1], epochs=3, batch_size=16, progress=False)
+    score = lambda epoch, ts: {"w_norm": np.linalg.norm(np.asarray(ts.params["w"]), axis=1)}
+    reference = train.train_loop(_mse_loss, tx, init, data_, on_epoch=score, **run)
+
+    def interrupted(epoch, ts):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return score(epoch, ts)
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train_loop(
+            _mse_loss, tx, init, data_, on_epoch=interrupted, checkpoint_dir=tmp_path, **run
+        )
+    resumed = train.train_loop(
+        _mse_loss, tx, init, data_, on_epoch=score, checkpoint_dir=tmp_path, **run
+    )
+    assert set(resumed.history) == set(reference.history)
+    for k in reference.history:
+        assert not np.isnan(resumed.history[k]).any(), k
+        np.testing.assert_array_equal(reference.history[k], resumed.history[k])
 
 
 def test_train_loop_checks_its_arguments():

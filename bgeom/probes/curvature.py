@@ -143,10 +143,14 @@ def curvature_probe(
     out.notes.append(
         "Curvatures are those of F = f_label - f_adv at the refined DeepFool boundary point, "
         "sign: positive bends towards the adverse class. ReLU networks use finite-difference "
-        "HVPs (operator 'fd', h = fd_scale x distance to the boundary); that map is not exactly "
-        "linear on a piecewise-linear net, so its Lanczos residuals are large (see "
-        "median_relative_residual) and its spectrum depends on h: read it as the bending at "
-        "scale h, not as an exact Hessian spectrum."
+        "HVPs (operator 'fd'): a ReLU net is piecewise linear, so the operator at scale h "
+        "measures how much the gradient turns within +-h, and is exactly zero when no unit "
+        "changes state there. h starts at fd_scale x the distance to the boundary and doubles "
+        "(up to twice the distance) until the gradient turns along most probe directions; a "
+        "point still flat at the largest scale has status flat_at_scale and is left out "
+        "(median_fd_scale is the h used). The map is not exactly linear, so its Lanczos "
+        "residuals are large (median_relative_residual) and its spectrum depends on h: read "
+        "it as the bending at scale h, not as an exact Hessian spectrum."
     )
     return out
 
