@@ -7,6 +7,7 @@ Every analysis takes ``apply_fn(params, x)`` (logits of ONE example of shape
 from bgeom import boundary, curvature, data, detection, models, subspaces, train
 from bgeom.boundary import BoundaryPoint, DeepFoolOptions, boundary_point
 from bgeom.curvature import CurvatureResult, boundary_curvature
+from bgeom.engine import batched
 from bgeom.margins import (
     MarginResult,
     deepfool,
@@ -25,6 +26,7 @@ __all__ = [
     "DeepFoolOptions",
     "MarginResult",
     "PathResult",
+    "batched",
     "boundary",
     "boundary_curvature",
     "boundary_point",

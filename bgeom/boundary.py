@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bgeom import _checks
+from bgeom import _checks, engine
 
 # DeepFool's fixed extra step length ("+ 1e-4" in the reference code): it pushes
 # each linearised step slightly past the hyperplane so the iteration cannot stall
@@ -226,7 +226,21 @@ class Search(NamedTuple):
     stalled: jax.Array
 
 
-class _DeepFoolState(NamedTuple):
+class Shared(NamedTuple):
+    """What every example of a DeepFool-style search shares (traced)."""
+
+    params: Any
+    options: DeepFoolOptions
+
+
+class DeepFoolState(NamedTuple):
+    """The state of one untargeted DeepFool search (see ``deepfool_iterative``)."""
+
+    x: jax.Array
+    subspace: Any  # the subspace every gradient difference is projected onto, or None
+    k0: jax.Array  # the clean label
+    cotangents: jax.Array  # (candidates - 1, L) rows picking f_k - f_k0
+    clean_finite: jax.Array
     iterations: jax.Array
     r: jax.Array
     label: jax.Array  # the label at the overshot point
@@ -234,68 +248,114 @@ class _DeepFoolState(NamedTuple):
     stalled: jax.Array  # it was finite with every gradient difference zero
 
 
+@functools.lru_cache(maxsize=128)
+def deepfool_iterative(apply_fn: Callable, projected: bool = False) -> engine.Iterative:
+    """Untargeted DeepFool as an ``engine.Iterative``; example ``(x,)`` or ``(x, subspace)``.
+
+    Candidates are the top ``options.candidates`` classes of the clean logits.
+    At ``z = x + (1 + overshoot) r`` (the reference code and foolbox linearise
+    at the overshot point, the point whose label decides when to stop) the step
+    goes to the nearest linearised boundary ``l = argmin_k |g_k| / ||w_k||``,
+    every gradient difference projected onto the example's subspace when
+    ``projected``. It stops when the label at ``z`` changes, after
+    ``max_iter`` steps, or at a degenerate linearisation. ``finish`` gives a
+    ``Search``. Expects ``Shared(params, options)`` with options from
+    ``DeepFoolOptions.checked``.
+    """
+
+    def init(c: Shared, x: jax.Array, subspace: Any = None) -> DeepFoolState:
+        logits0 = apply_fn(c.params, x)
+        _, order = jax.lax.top_k(logits0, c.options.candidates)  # best first
+        onehots = jax.nn.one_hot(order, logits0.shape[0], dtype=logits0.dtype)
+        return DeepFoolState(
+            x=x,
+            subspace=subspace if projected else None,
+            k0=order[0],
+            cotangents=onehots[1:] - onehots[0],
+            clean_finite=jnp.all(jnp.isfinite(logits0)),
+            iterations=jnp.asarray(0, jnp.int32),
+            r=jnp.zeros_like(x),
+            label=order[0],
+            ok=jnp.asarray(True),
+            stalled=jnp.asarray(False),
+        )
+
+    def step(c: Shared, s: DeepFoolState) -> DeepFoolState:
+        project = s.subspace.project if projected else None
+        return deepfool_advance(apply_fn, c, s, linearise_state(apply_fn, c, s, project))
+
+    def running(c: Shared, s: DeepFoolState) -> jax.Array:
+        return (s.iterations < c.options.max_iter) & (s.label == s.k0) & s.ok
+
+    def finish(c: Shared, s: DeepFoolState) -> Search:
+        perturbation = _overshot_point(s.x, s.r, c.options) - s.x
+        finite = (s.ok | s.stalled) & jnp.isfinite(jnp.linalg.norm(perturbation.ravel()))
+        return Search(
+            perturbation=perturbation,
+            label=s.k0.astype(jnp.int32),
+            adv_label=s.label.astype(jnp.int32),
+            iterations=s.iterations,
+            reached=s.label != s.k0,
+            finite=finite & s.clean_finite,
+            stalled=s.stalled,
+        )
+
+    return engine.Iterative(init, step, running, finish)
+
+
+def linearise_state(
+    apply_fn: Callable, c: Shared, s: DeepFoolState, project: Callable | None = None
+) -> Linearisation:
+    """The candidates' class differences and gradients at the state's overshot point."""
+    f = lambda z: apply_fn(c.params, z)
+    return linearise(f, _overshot_point(s.x, s.r, c.options), s.cotangents, project)
+
+
+def deepfool_advance(
+    apply_fn: Callable, c: Shared, s: DeepFoolState, lin: Linearisation
+) -> DeepFoolState:
+    """One DeepFool step from state ``s`` given its (projected) linearisation ``lin``."""
+    f = lambda z: apply_fn(c.params, z)
+    w_norm = flat_norm(lin.w)
+    pert = jnp.where(w_norm > 0, jnp.abs(lin.g) / jnp.where(w_norm > 0, w_norm, 1.0), jnp.inf)
+    best = jnp.argmin(pert)
+    finite = jnp.all(jnp.isfinite(lin.logits)) & jnp.all(jnp.isfinite(lin.w))
+    ok = jnp.isfinite(pert[best]) & jnp.all(jnp.isfinite(lin.logits))
+    r = jnp.where(
+        ok,
+        s.r + step_to_hyperplane(lin.g[best], lin.w[best], jnp.where(ok, w_norm[best], 1.0)),
+        s.r,
+    )
+    label = jnp.argmax(f(_overshot_point(s.x, r, c.options)))
+    return s._replace(
+        iterations=s.iterations + 1,
+        r=r,
+        label=label,
+        ok=ok,
+        stalled=finite & jnp.all(w_norm == 0),
+    )
+
+
 def deepfool_search(
     apply_fn: Callable,
     params: Any,
     x: jax.Array,
     options: DeepFoolOptions,
-    project: Callable | None = None,
+    subspace: Any = None,
 ) -> Search:
-    """Untargeted DeepFool from ``x``, every gradient difference passed through ``project``.
+    """Untargeted DeepFool from ``x`` (``deepfool_iterative`` as one while loop).
 
-    Candidates are the top ``options.candidates`` classes of the clean logits.
-    At ``z = x + (1 + overshoot) r`` (the reference code and foolbox linearise
-    at the overshot point, the point whose label decides when to stop) the step
-    goes to the nearest linearised boundary ``l = argmin_k |g_k| / ||w_k||``.
-    It stops when the label at ``z`` changes, after ``max_iter`` steps, or at a
-    degenerate linearisation. ``project(w)`` maps one gradient to its
-    projection onto a subspace (``None``: plain DeepFool). Traceable; expects
-    options from ``DeepFoolOptions.checked``.
+    With a ``subspace``, every gradient difference is projected onto it.
+    Traceable; expects options from ``DeepFoolOptions.checked``.
     """
-    f = lambda z: apply_fn(params, z)
-    logits0 = f(x)
-    _, order = jax.lax.top_k(logits0, options.candidates)  # best first
-    k0 = order[0]
-    onehots = jax.nn.one_hot(order, logits0.shape[0], dtype=logits0.dtype)
-    cotangents = onehots[1:] - onehots[0]  # rows pick f_k - f_k0
-
-    def step(s: _DeepFoolState) -> _DeepFoolState:
-        lin = linearise(f, _overshot_point(x, s.r, options), cotangents, project)
-        w_norm = flat_norm(lin.w)
-        pert = jnp.where(w_norm > 0, jnp.abs(lin.g) / jnp.where(w_norm > 0, w_norm, 1.0), jnp.inf)
-        best = jnp.argmin(pert)
-        finite = jnp.all(jnp.isfinite(lin.logits)) & jnp.all(jnp.isfinite(lin.w))
-        ok = jnp.isfinite(pert[best]) & jnp.all(jnp.isfinite(lin.logits))
-        stalled = finite & jnp.all(w_norm == 0)
-        r = jnp.where(
-            ok,
-            s.r + step_to_hyperplane(lin.g[best], lin.w[best], jnp.where(ok, w_norm[best], 1.0)),
-            s.r,
-        )
-        label = jnp.argmax(f(_overshot_point(x, r, options)))
-        return _DeepFoolState(s.iterations + 1, r, label, ok, stalled)
-
-    def running(s: _DeepFoolState) -> jax.Array:
-        return (s.iterations < options.max_iter) & (s.label == k0) & s.ok
-
-    init = _DeepFoolState(
-        jnp.asarray(0, jnp.int32), jnp.zeros_like(x), k0, jnp.asarray(True), jnp.asarray(False)
-    )
-    end = jax.lax.while_loop(running, step, init)
-    perturbation = _overshot_point(x, end.r, options) - x
-    finite = (end.ok | end.stalled) & jnp.isfinite(jnp.linalg.norm(perturbation.ravel()))
-    return Search(
-        perturbation=perturbation,
-        label=k0.astype(jnp.int32),
-        adv_label=end.label.astype(jnp.int32),
-        iterations=end.iterations,
-        reached=end.label != k0,
-        finite=finite & jnp.all(jnp.isfinite(logits0)),
-        stalled=end.stalled,
-    )
+    it = deepfool_iterative(apply_fn, subspace is not None)
+    example = (x,) if subspace is None else (x, subspace)
+    return engine.loop(it, Shared(params, options), *example)
 
 
 class _TargetedState(NamedTuple):
+    x: jax.Array
+    target: jax.Array
     iterations: jax.Array
     r: jax.Array
     reached: jax.Array  # the label at the overshot point is the target
@@ -303,10 +363,9 @@ class _TargetedState(NamedTuple):
     stalled: jax.Array  # a finite linearisation with a zero gradient difference
 
 
-def targeted_search(
-    apply_fn: Callable, params: Any, x: jax.Array, target: jax.Array, options: DeepFoolOptions
-) -> Search:
-    """Targeted DeepFool from ``x`` into class ``target``.
+@functools.lru_cache(maxsize=128)
+def targeted_iterative(apply_fn: Callable) -> engine.Iterative:
+    """Targeted DeepFool as an ``engine.Iterative``; example ``(x, target)``.
 
     At ``z = x + (1 + overshoot) r`` let ``c`` be the strongest class other than
     the target; the step goes onto the linearised boundary of
@@ -314,19 +373,25 @@ def targeted_search(
     ``z`` and linearises there. It stops when ``z`` is in the target class,
     after ``max_iter`` steps, or at a degenerate linearisation. Following the
     current rival (not only the clean label) keeps the iteration going when it
-    passes through a third class. Traceable; expects options from
-    ``DeepFoolOptions.checked``.
+    passes through a third class. ``finish`` gives a ``Search``.
     """
-    f = lambda z: apply_fn(params, z)
-    num_classes = jax.eval_shape(f, x).shape[0]
-    is_target = jax.nn.one_hot(target, num_classes, dtype=x.dtype)
 
-    def step(s: _TargetedState) -> _TargetedState:
-        z = _overshot_point(x, s.r, options)
-        logits, vjp = jax.vjp(f, z)
-        reached = jnp.argmax(logits) == target
+    def one_hot(c: Shared, s: _TargetedState, k: jax.Array) -> jax.Array:
+        num_classes = jax.eval_shape(apply_fn, c.params, s.x).shape[0]
+        return jax.nn.one_hot(k, num_classes, dtype=s.x.dtype)
+
+    def init(c: Shared, x: jax.Array, target: jax.Array) -> _TargetedState:
+        false = jnp.asarray(False)
+        zero = jnp.asarray(0, jnp.int32)
+        return _TargetedState(x, target, zero, jnp.zeros_like(x), false, jnp.asarray(True), false)
+
+    def step(c: Shared, s: _TargetedState) -> _TargetedState:
+        f = lambda z: apply_fn(c.params, z)
+        is_target = one_hot(c, s, s.target)
+        logits, vjp = jax.vjp(f, _overshot_point(s.x, s.r, c.options))
+        reached = jnp.argmax(logits) == s.target
         rival = jnp.argmax(jnp.where(is_target > 0, -jnp.inf, logits))
-        cotangent = is_target - jax.nn.one_hot(rival, num_classes, dtype=logits.dtype)
+        cotangent = is_target - one_hot(c, s, rival).astype(logits.dtype)
         (w,) = vjp(cotangent)
         g = cotangent @ logits
         w_norm = jnp.linalg.norm(w.ravel())
@@ -334,39 +399,47 @@ def targeted_search(
         ok = (w_norm > 0) & finite
         move = ok & ~reached
         r = jnp.where(move, s.r + step_to_hyperplane(g, w, jnp.where(ok, w_norm, 1.0)), s.r)
-        stalled = finite & (w_norm == 0) & ~reached
-        return _TargetedState(
-            s.iterations + move.astype(jnp.int32), r, reached, ok | reached, stalled
+        return s._replace(
+            iterations=s.iterations + move.astype(jnp.int32),
+            r=r,
+            reached=reached,
+            ok=ok | reached,
+            stalled=finite & (w_norm == 0) & ~reached,
         )
 
-    def running(s: _TargetedState) -> jax.Array:
-        return (s.iterations < options.max_iter) & ~s.reached & s.ok
+    def running(c: Shared, s: _TargetedState) -> jax.Array:
+        return (s.iterations < c.options.max_iter) & ~s.reached & s.ok
 
-    init = _TargetedState(
-        jnp.asarray(0, jnp.int32),
-        jnp.zeros_like(x),
-        jnp.asarray(False),
-        jnp.asarray(True),
-        jnp.asarray(False),
-    )
-    end = jax.lax.while_loop(running, step, init)
-    # Clean and final logits in one batched call (the final point is tested once
-    # more so that a run stopped by max_iter reports its true label).
-    point = _overshot_point(x, end.r, options)
-    logits0, logits_end = jax.vmap(f)(jnp.stack([x, point]))
-    adv_label = jnp.argmax(logits_end)
-    perturbation = point - x
-    finite = jnp.all(jnp.isfinite(logits0)) & jnp.all(jnp.isfinite(logits_end))
-    finite = finite & (end.ok | end.stalled) & jnp.isfinite(jnp.linalg.norm(perturbation.ravel()))
-    return Search(
-        perturbation=perturbation,
-        label=jnp.argmax(logits0).astype(jnp.int32),
-        adv_label=adv_label.astype(jnp.int32),
-        iterations=end.iterations,
-        reached=adv_label == target,
-        finite=finite,
-        stalled=end.stalled,
-    )
+    def finish(c: Shared, s: _TargetedState) -> Search:
+        # Clean and final logits in one batched call (the final point is tested
+        # once more so that a run stopped by max_iter reports its true label).
+        point = _overshot_point(s.x, s.r, c.options)
+        logits0, logits_end = jax.vmap(lambda z: apply_fn(c.params, z))(jnp.stack([s.x, point]))
+        adv_label = jnp.argmax(logits_end)
+        perturbation = point - s.x
+        finite = jnp.all(jnp.isfinite(logits0)) & jnp.all(jnp.isfinite(logits_end))
+        finite = finite & (s.ok | s.stalled) & jnp.isfinite(jnp.linalg.norm(perturbation.ravel()))
+        return Search(
+            perturbation=perturbation,
+            label=jnp.argmax(logits0).astype(jnp.int32),
+            adv_label=adv_label.astype(jnp.int32),
+            iterations=s.iterations,
+            reached=adv_label == s.target,
+            finite=finite,
+            stalled=s.stalled,
+        )
+
+    return engine.Iterative(init, step, running, finish)
+
+
+def targeted_search(
+    apply_fn: Callable, params: Any, x: jax.Array, target: jax.Array, options: DeepFoolOptions
+) -> Search:
+    """Targeted DeepFool from ``x`` into class ``target`` (``targeted_iterative`` as one loop).
+
+    Traceable; expects options from ``DeepFoolOptions.checked``.
+    """
+    return engine.loop(targeted_iterative(apply_fn), Shared(params, options), x, target)
 
 
 # ------------------------------------------------------------ boundary points
@@ -495,13 +568,11 @@ def find_boundary_point(
     return search, point, bracket
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "targeted"))
-def _boundary_point_core(apply_fn, params, x, target, options, *, targeted):
-    search, point, bracket = find_boundary_point(
-        apply_fn, params, x, options, target if targeted else None
-    )
-    F = pair_function(apply_fn, params, search.adv_label, search.label)
-    grad = jax.grad(F)(point)
+def _refined(apply_fn: Callable, params: Any, x: jax.Array, search: Search) -> BoundaryPoint:
+    """A finished search's end point moved onto the boundary, with the normal there."""
+    F = pair_function(apply_fn, params, search.label, search.adv_label)
+    point, bracket = refine_onto_boundary(F, x, search.perturbation)
+    grad = jax.grad(pair_function(apply_fn, params, search.adv_label, search.label))(point)
     grad_norm = jnp.linalg.norm(grad.ravel())
     finite = jnp.isfinite(grad_norm) & (grad_norm > 0)
     status = boundary_status(search, bracket, finite)
@@ -514,6 +585,24 @@ def _boundary_point_core(apply_fn, params, x, target, options, *, targeted):
         converged=status == CONVERGED,
         status=status,
     )
+
+
+@functools.lru_cache(maxsize=128)
+def boundary_point_iterative(apply_fn: Callable, targeted: bool) -> engine.Iterative:
+    """``boundary_point`` as an ``engine.Iterative``; example ``(x,)`` or ``(x, target)``."""
+    base = targeted_iterative(apply_fn) if targeted else deepfool_iterative(apply_fn)
+
+    def finish(c: Shared, s: Any) -> BoundaryPoint:
+        return _refined(apply_fn, c.params, s.x, base.finish(c, s))
+
+    return base._replace(finish=finish)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _boundary_point_core(apply_fn, params, x, target, options):
+    example = (x,) if target is None else (x, target)
+    it = boundary_point_iterative(apply_fn, target is not None)
+    return engine.loop(it, Shared(params, options), *example)
 
 
 def boundary_point(
@@ -569,4 +658,47 @@ def boundary_point(
                     f"boundary_point: target {label} is the model's own label at x; a "
                     "boundary point needs another class (or target=None for the nearest)."
                 )
-    return _boundary_point_core(apply_fn, params, x, target, options, targeted=target is not None)
+    return _boundary_point_core(apply_fn, params, x, target, options)
+
+
+def options_of(fn: Callable, fn_name: str, options: dict[str, Any]) -> DeepFoolOptions:
+    """The ``DeepFoolOptions`` a call ``fn(..., **options)`` would use (``fn``'s defaults).
+
+    For the batched forms of the DeepFool family: unknown keywords raise
+    ``ValueError`` listing the valid ones.
+    """
+    import inspect
+
+    names = ("candidates", "overshoot", "max_iter", "bounds")
+    params = inspect.signature(fn).parameters
+    valid = [n for n in names if n in params]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"{fn_name}: unknown option(s) {unknown}; valid: {valid} (and batch_size, "
+            "progress, desc, return_stats for the batched driver)."
+        )
+    values = {n: options.get(n, params[n].default) for n in valid}
+    return DeepFoolOptions(**{"candidates": 2, **values})
+
+
+def check_batch(xs: jax.Array, fn_name: str) -> None:
+    """A batch's rank and, when its values are known, their finiteness."""
+    if _checks.is_concrete(xs) and not bool(jnp.all(jnp.isfinite(xs))):
+        raise ValueError(f"{fn_name} got inputs with NaN or Inf values; clean them first.")
+
+
+@engine.register(boundary_point)
+def _boundary_point_plan(apply_fn, params, xs, *, target=None, **options):
+    fn = "bgeom.batched(boundary_point)"
+    check_batch(xs, fn)
+    _, opts = options_of(boundary_point, fn, options).checked(fn, apply_fn, params, xs[0])
+    if target is None:
+        return boundary_point_iterative(apply_fn, False), Shared(params, opts), (xs,)
+    target = jnp.asarray(target, jnp.int32)
+    if target.shape != xs.shape[:1]:
+        raise ValueError(
+            f"{fn}: target must give one class per image, shape ({xs.shape[0]},); got "
+            f"{tuple(target.shape)}."
+        )
+    return boundary_point_iterative(apply_fn, True), Shared(params, opts), (xs, target)

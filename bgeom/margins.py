@@ -16,8 +16,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from bgeom import _checks, boundary
+from bgeom import _checks, boundary, engine
 from bgeom import subspaces as subspaces_lib
 
 # ``MarginResult.status`` codes (index into STATUS_NAMES).
@@ -71,13 +72,9 @@ def _result(search: boundary.Search) -> MarginResult:
     )
 
 
-def _project(subspace: Any) -> Callable[[jax.Array], jax.Array] | None:
-    return None if subspace is None else subspace.project
-
-
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _deepfool_core(apply_fn, params, x, options, subspace) -> MarginResult:
-    return _result(boundary.deepfool_search(apply_fn, params, x, options, _project(subspace)))
+    return _result(boundary.deepfool_search(apply_fn, params, x, options, subspace))
 
 
 def deepfool(
@@ -188,19 +185,30 @@ def subspace_margins(
     overshoot: float = 0.02,
     max_iter: int = 100,
     bounds: tuple[float, float] | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "subspace margins",
 ) -> MarginResult:
-    """Margins of N examples along each of M stacked subspaces, in one jitted call.
+    """Margins of N examples along each of M stacked subspaces.
 
-    ``subspace_deepfool`` vmapped over the examples and over the stack, e.g. a
-    whole margin-by-frequency profile: ``subspace_margins(f, p, xs, dct_blocks(...))``.
+    ``subspace_deepfool`` for every (example, subspace) pair, e.g. a whole
+    margin-by-frequency profile: ``subspace_margins(f, p, xs, dct_blocks(...))``.
+    The first linearisation of an example (a forward pass and the candidates'
+    gradients at ``x``, usually most of the work) is computed once and
+    projected onto each of its M subspaces; the rest of the searches run
+    through ``bgeom.engine`` (top-level jitted steps, finished pairs leave the
+    batch at once). Equals ``jax.vmap`` of ``subspace_deepfool`` over both
+    axes up to float rounding.
 
     Args:
       xs: a batch ``(N, H, W, C)``.
       subspaces: a stack of M subspaces (e.g. ``dct_blocks(shape)``).
       candidates, overshoot, max_iter, bounds: as in ``subspace_deepfool``.
+      batch_size: pairs in flight at once (memory bound).
+      progress, desc: a progress bar of finished pairs.
 
     Returns:
-      ``MarginResult`` whose fields have leading axes ``(N, M)``.
+      ``MarginResult`` of NumPy arrays whose fields have leading axes ``(N, M)``.
     """
     xs = jnp.asarray(xs)
     if xs.ndim != 4:
@@ -217,17 +225,60 @@ def subspace_margins(
     options = boundary.DeepFoolOptions(candidates, overshoot, max_iter, bounds)
     x0, options = options.checked("subspace_margins", apply_fn, params, xs[0])
     subspaces_lib.check_compatible(subspaces[0], x0.shape, "subspace_margins")
-    if _checks.is_concrete(xs) and not bool(jnp.all(jnp.isfinite(xs))):
-        raise ValueError("subspace_margins got inputs with NaN or Inf values; clean them first.")
-    return _subspace_grid(apply_fn, params, xs, options, subspaces)
+    boundary.check_batch(xs, "subspace_margins")
+    n, m = xs.shape[0], len(subspaces)
+    tables = _first_steps(apply_fn, params, xs, options, subspaces)
+    images, blocks = np.meshgrid(np.arange(n), np.arange(m), indexing="ij")
+    out, _ = engine.run(
+        _pair_iterative(apply_fn),
+        tables,
+        images.ravel(),
+        blocks.ravel(),
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
+    return jax.tree.map(lambda a: a.reshape(n, m, *a.shape[1:]), out)
+
+
+class _Tables(NamedTuple):
+    """What the (image, subspace) searches of ``subspace_margins`` share."""
+
+    params: Any
+    options: boundary.DeepFoolOptions
+    subspaces: Any  # the stack
+    start: boundary.DeepFoolState  # every image's initial state (no subspace yet)
+    first: boundary.Linearisation  # every image's first linearisation, unprojected
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _subspace_grid(apply_fn, params, xs, options, subspaces):
-    def one(x, s):
-        return _result(boundary.deepfool_search(apply_fn, params, x, options, s.project))
+def _first_steps(apply_fn, params, xs, options, subspaces) -> _Tables:
+    """Each image's initial state and first linearisation, shared by all its subspaces."""
+    c = boundary.Shared(params, options)
+    it = boundary.deepfool_iterative(apply_fn, True)
+    start = jax.vmap(lambda x: it.init(c, x, None))(xs)
+    first = jax.vmap(lambda s: boundary.linearise_state(apply_fn, c, s))(start)
+    return _Tables(params, options, subspaces, start, first)
 
-    return jax.vmap(lambda x: jax.vmap(lambda s: one(x, s))(subspaces))(xs)
+
+@functools.lru_cache(maxsize=64)
+def _pair_iterative(apply_fn: Callable) -> engine.Iterative:
+    """Subspace DeepFool of one (image, subspace) pair, its first step from the shared tables."""
+    base = boundary.deepfool_iterative(apply_fn, True)
+
+    def init(c: _Tables, image: jax.Array, block: jax.Array) -> boundary.DeepFoolState:
+        subspace = jax.tree.map(lambda a: a[block], c.subspaces)
+        s = jax.tree.map(lambda a: a[image], c.start)._replace(subspace=subspace)
+        if c.options.max_iter == 0:
+            return s
+        first = jax.tree.map(lambda a: a[image], c.first)
+        first = first._replace(w=jax.vmap(subspace.project)(first.w))
+        return boundary.deepfool_advance(apply_fn, c, s, first)
+
+    def finish(c: _Tables, s: boundary.DeepFoolState) -> MarginResult:
+        return _result(base.finish(c, s))
+
+    return base._replace(init=init, finish=finish)
 
 
 # ------------------------------------------------------------ targeted DeepFool
@@ -292,3 +343,58 @@ def targeted_deepfool(
     num_classes = _checks.check_logits(apply_fn, params, x, fn)
     target = boundary.check_class_index(target, "target", num_classes, fn)
     return _targeted_core(apply_fn, params, x, target, options)
+
+
+# ------------------------------------------------------------ batched forms
+
+
+@functools.lru_cache(maxsize=128)
+def _margin_iterative(apply_fn: Callable, kind: str) -> engine.Iterative:
+    """DeepFool, subspace DeepFool or targeted DeepFool, finishing with a ``MarginResult``."""
+    if kind == "targeted":
+        base = boundary.targeted_iterative(apply_fn)
+    else:
+        base = boundary.deepfool_iterative(apply_fn, kind == "subspace")
+    return base._replace(finish=lambda c, s: _result(base.finish(c, s)))
+
+
+def _checked_options(fn: Callable, apply_fn, params, xs, options) -> boundary.Shared:
+    name = f"bgeom.batched({fn.__name__})"
+    boundary.check_batch(xs, name)
+    _, opts = boundary.options_of(fn, name, options).checked(name, apply_fn, params, xs[0])
+    return boundary.Shared(params, opts)
+
+
+@engine.register(deepfool)
+def _deepfool_plan(apply_fn, params, xs, **options):
+    shared = _checked_options(deepfool, apply_fn, params, xs, options)
+    return _margin_iterative(apply_fn, "untargeted"), shared, (xs,)
+
+
+@engine.register(subspace_deepfool)
+def _subspace_deepfool_plan(apply_fn, params, xs, subspace, **options):
+    shared = _checked_options(subspace_deepfool, apply_fn, params, xs, options)
+    stacked = len(getattr(subspace, "batch_shape", ())) == 1
+    one = subspace[0] if stacked else subspace
+    subspaces_lib.check_compatible(one, xs.shape[1:], "bgeom.batched(subspace_deepfool)")
+    if stacked and len(subspace) != len(xs):
+        raise ValueError(
+            f"bgeom.batched(subspace_deepfool): give one subspace, or a stack of one per image "
+            f"({len(xs)}); got a stack of {len(subspace)}. For every image along every subspace "
+            "use bgeom.subspace_margins."
+        )
+    if not stacked:
+        subspace = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(xs), *a.shape)), subspace)
+    return _margin_iterative(apply_fn, "subspace"), shared, (xs, subspace)
+
+
+@engine.register(targeted_deepfool)
+def _targeted_plan(apply_fn, params, xs, target, **options):
+    shared = _checked_options(targeted_deepfool, apply_fn, params, xs, options)
+    target = jnp.asarray(target)
+    if target.shape != xs.shape[:1] or not jnp.issubdtype(target.dtype, jnp.integer):
+        raise ValueError(
+            f"bgeom.batched(targeted_deepfool): target must give one integer class per image, "
+            f"shape ({len(xs)},); got {tuple(target.shape)} {target.dtype}."
+        )
+    return _margin_iterative(apply_fn, "targeted"), shared, (xs, target.astype(jnp.int32))

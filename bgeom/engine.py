@@ -1,0 +1,368 @@
+"""Batched driver for iterative searches: compaction of finished examples, jitted top-level steps.
+
+An iterative bgeom analysis (DeepFool, targeted DeepFool, margins along a
+subspace, boundary points, ...) is written once as an ``Iterative``: four pure
+functions of ONE example. ``loop`` runs it as a fixed-shape
+``lax.while_loop``, which composes with ``jax.jit`` and ``jax.vmap`` (the
+per-example public functions are that). ``run`` drives the same four
+functions over a whole batch from the host:
+
+- every step is one jitted, vmapped call at the top level of its program, so
+  XLA compiles it with its fast kernels (XLA:CPU rewrites convolutions into
+  its fast layout only outside loop bodies);
+- compaction: an example leaves its slot as soon as it finishes and a waiting
+  one takes it, so no example pays for the slowest one (under
+  ``jit(vmap(loop))`` every example runs as many steps as the slowest);
+- when no example is waiting, the slots shrink through power-of-two sizes, so
+  the tail does not run on a mostly empty batch;
+- memory is bounded by ``batch_size`` slots.
+
+The result equals ``jax.jit(jax.vmap(loop))`` up to the rounding of batched
+evaluations: every example runs exactly the same steps. ``batched(fn)`` is the
+public entry point for the analyses registered here. See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Iterative(NamedTuple):
+    """An iterative search over ONE example, as four pure functions.
+
+    ``consts`` is a pytree every example shares (the model's parameters, traced
+    options, tables the examples index into); ``example`` is the per-example
+    data (arrays without a batch axis).
+
+    Attributes:
+      init: ``init(consts, *example) -> state``.
+      step: ``step(consts, state) -> state``, one iteration.
+      running: ``running(consts, state) -> bool``: whether to take another step.
+      finish: ``finish(consts, state) -> result`` (a pytree of arrays).
+    """
+
+    init: Callable
+    step: Callable
+    running: Callable
+    finish: Callable
+
+
+def loop(it: Iterative, consts: Any, *example: Any) -> Any:
+    """Run ``it`` on one example as a ``lax.while_loop`` (composes with jit and vmap)."""
+    state = it.init(consts, *example)
+    state = jax.lax.while_loop(lambda s: it.running(consts, s), lambda s: it.step(consts, s), state)
+    return it.finish(consts, state)
+
+
+class EngineStats(NamedTuple):
+    """How ``run`` spent its work.
+
+    Attributes:
+      examples: examples processed.
+      steps: useful steps (the sum over examples of the steps each one took).
+      computed_steps: slot-steps computed (every slot of every call, padding
+        and finished slots included).
+      calls: step calls (one jitted call each).
+      work_efficiency: ``steps / computed_steps``.
+      seconds: wall time, compilation included.
+    """
+
+    examples: int
+    steps: int
+    computed_steps: int
+    calls: int
+    work_efficiency: float
+    seconds: float
+
+
+def _bucket(n: int, top: int) -> int:
+    """The smallest power of two >= n, capped at ``top`` (and at least 1)."""
+    return min(top, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _tree_rows(tree: Any, rows: np.ndarray) -> Any:
+    return jax.tree.map(lambda a: a[rows], tree)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(it: Iterative, what: str) -> Callable:
+    """The jitted, vmapped pieces of ``it`` (compiled once per shape)."""
+    running = jax.vmap(it.running, in_axes=(None, 0))
+    if what == "init":
+
+        def init(consts, *example):
+            states = jax.vmap(it.init, in_axes=(None,) + (0,) * len(example))(consts, *example)
+            return states, running(consts, states)
+
+        return jax.jit(init)
+    if what == "step":
+
+        def step(consts, states):
+            states = jax.vmap(it.step, in_axes=(None, 0))(consts, states)
+            return states, running(consts, states)
+
+        return jax.jit(step, donate_argnums=1)
+    if what == "finish":
+
+        def finish(consts, states, rows):
+            return jax.vmap(it.finish, in_axes=(None, 0))(consts, _tree_rows(states, rows))
+
+        return jax.jit(finish)
+    if what == "place":
+        # Slots ``rows`` of ``states`` take ``new`` (rows out of range are dropped).
+        def place(states, new, rows):
+            return jax.tree.map(lambda a, b: a.at[rows].set(b, mode="drop"), states, new)
+
+        return jax.jit(place, donate_argnums=0)
+    if what == "take":
+        return jax.jit(_tree_rows)
+    raise ValueError(what)
+
+
+class _Slots:
+    """The host's view of the slots: which example each holds, and its steps so far."""
+
+    def __init__(self, size: int):
+        self.example = np.full(size, -1, np.int64)
+        self.steps = np.zeros(size, np.int64)
+
+    @property
+    def size(self) -> int:
+        return len(self.example)
+
+    def busy(self) -> np.ndarray:
+        return self.example >= 0
+
+
+def _padded(rows: np.ndarray, size: int) -> np.ndarray:
+    """``rows`` padded to ``size`` entries with copies of its first (work nobody keeps)."""
+    return np.concatenate([rows, np.full(size - len(rows), rows[0], rows.dtype)])
+
+
+class _Run:
+    """One call of ``run``: the slots on the device, the results on the host."""
+
+    def __init__(self, it: Iterative, consts: Any, examples: tuple, n: int, batch_size: int):
+        self.it, self.consts, self.examples, self.n = it, consts, examples, n
+        self.top = _bucket(min(batch_size, n), batch_size)
+        self.states: Any = None
+        self.slots = _Slots(0)
+        self.results: Any = None
+        self.waiting = 0  # the next example to start
+        self.steps = self.computed = self.calls = 0
+
+    # -- results
+    def _store(self, rows: np.ndarray, ids: np.ndarray, steps: np.ndarray, states: Any) -> None:
+        """Finish the states at ``rows`` (of ``states``) as examples ``ids``."""
+        size = _bucket(len(rows), self.top)
+        out = _compiled(self.it, "finish")(self.consts, states, _padded(rows, size))
+        out = jax.tree.map(lambda a: np.asarray(a)[: len(rows)], out)
+        if self.results is None:
+            self.results = jax.tree.map(lambda a: np.empty((self.n, *a.shape[1:]), a.dtype), out)
+        jax.tree.map(lambda dst, src: dst.__setitem__(ids, src), self.results, out)
+        self.steps += int(np.sum(steps))
+
+    # -- starting examples
+    def _start(self, count: int) -> tuple[Any, np.ndarray, np.ndarray]:
+        """Initialise the next ``count`` examples; finish those that need no step.
+
+        Returns the new states (a bucket of at least ``count`` rows), which of
+        the first ``count`` rows are running, and their example ids.
+        """
+        ids = np.arange(self.waiting, self.waiting + count)
+        self.waiting += count
+        rows = _padded(ids, _bucket(count, self.top))
+        example = [jax.tree.map(lambda a: a[rows], e) for e in self.examples]
+        states, running = _compiled(self.it, "init")(self.consts, *example)
+        running = np.asarray(running)[:count]
+        idle = np.flatnonzero(~running)
+        if idle.size:  # e.g. max_iter = 0, or already where the search goes
+            self._store(idle, ids[idle], np.zeros(idle.size, np.int64), states)
+        return states, running, ids
+
+    def fill(self) -> None:
+        """Give free slots to waiting examples (the first call creates the slots)."""
+        if self.states is None:
+            size = _bucket(self.n, self.top)
+            self.states, running, ids = self._start(min(size, self.n))
+            self.slots = _Slots(size)
+            self.slots.example[: len(ids)] = np.where(running, ids, -1)
+        while self.waiting < self.n:
+            free = np.flatnonzero(~self.slots.busy())
+            count = min(free.size, self.n - self.waiting)
+            if count == 0:
+                return
+            new, running, ids = self._start(count)
+            keep = np.flatnonzero(running)
+            if keep.size:
+                target = np.full(len(jax.tree.leaves(new)[0]), self.slots.size)  # dropped
+                target[keep] = free[: keep.size]
+                self.states = _compiled(self.it, "place")(self.states, new, target)
+                self.slots.example[free[: keep.size]] = ids[keep]
+                self.slots.steps[free[: keep.size]] = 0
+
+    def shrink(self) -> None:
+        """With nobody waiting, move the busy slots into the smallest bucket that holds them."""
+        busy = np.flatnonzero(self.slots.busy())
+        size = _bucket(busy.size, self.top)
+        if self.waiting < self.n or size >= self.slots.size or not busy.size:
+            return
+        self.states = _compiled(self.it, "take")(self.states, _padded(busy, size))
+        old = self.slots
+        self.slots = _Slots(size)
+        self.slots.example[: busy.size] = old.example[busy]
+        self.slots.steps[: busy.size] = old.steps[busy]
+
+    def step(self) -> None:
+        """One step of every slot; finished examples leave."""
+        busy = self.slots.busy()
+        self.states, running = _compiled(self.it, "step")(self.consts, self.states)
+        self.calls += 1
+        self.computed += self.slots.size
+        self.slots.steps[busy] += 1
+        done = np.flatnonzero(busy & ~np.asarray(running))
+        if done.size:
+            self._store(done, self.slots.example[done], self.slots.steps[done], self.states)
+            self.slots.example[done] = -1
+
+    def busy(self) -> bool:
+        return bool(self.slots.busy().any()) or self.waiting < self.n
+
+
+def _leading(examples: tuple) -> int:
+    sizes = {int(np.shape(a)[0]) for a in jax.tree.leaves(examples)}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"engine.run: the per-example arrays disagree on the number of examples: "
+            f"{sorted(sizes)}; give them the same leading length."
+        )
+    return sizes.pop()
+
+
+def run(
+    it: Iterative,
+    consts: Any,
+    *examples: Any,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "",
+) -> tuple[Any, EngineStats]:
+    """Run ``it`` over a batch of examples with compaction; ``(results, stats)``.
+
+    Args:
+      it: the search, as an ``Iterative``.
+      consts: the pytree every example shares (traced: parameters, options).
+      *examples: per-example arrays (or pytrees of arrays) with a common
+        leading axis ``n``.
+      batch_size: the most slots (examples in flight); rounded down to a power
+        of two.
+      progress: show a progress bar of finished examples.
+      desc: its label.
+
+    Returns:
+      The pytree ``it.finish`` returns, each leaf with a leading axis ``n``,
+      as NumPy arrays; and ``EngineStats``.
+    """
+    started = time.perf_counter()
+    n = _leading(examples)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    top = 1 << (int(batch_size).bit_length() - 1)
+    state = _Run(it, consts, examples, n, top)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n, desc=desc, disable=not progress, leave=False, unit="ex") as bar:
+        while state.busy():
+            state.fill()
+            state.shrink()
+            if state.slots.busy().any():
+                state.step()
+            bar.update(state.waiting - int(state.slots.busy().sum()) - bar.n)
+    stats = EngineStats(
+        examples=n,
+        steps=state.steps,
+        computed_steps=state.computed,
+        calls=state.calls,
+        work_efficiency=state.steps / state.computed if state.computed else 1.0,
+        seconds=time.perf_counter() - started,
+    )
+    return state.results, stats
+
+
+# ----------------------------------------------------------------- batched(fn)
+
+_PLANS: dict[Callable, Callable] = {}
+
+
+def register(fn: Callable) -> Callable:
+    """Register ``plan`` as the batched form of the per-example analysis ``fn``.
+
+    ``plan(apply_fn, params, xs, *args, **options) -> (iterative, consts,
+    examples)`` validates the arguments (with ``fn``'s checks) and returns what
+    ``run`` needs.
+    """
+
+    def decorator(plan: Callable) -> Callable:
+        _PLANS[fn] = plan
+        return plan
+
+    return decorator
+
+
+def batched(fn: Callable) -> Callable:
+    """The batched form of an iterative bgeom analysis, driven by ``run`` (compaction).
+
+    ``bgeom.batched(bgeom.deepfool)(apply_fn, params, xs, **options)`` equals
+    ``jax.jit(jax.vmap(lambda x: bgeom.deepfool(apply_fn, params, x, **options)))(xs)``
+    up to float rounding, as NumPy arrays, but every step runs at the top level
+    of a jitted program and finished examples leave the batch at once. Extra
+    per-example arguments (``targeted_deepfool``'s targets) are batched like
+    ``xs``. Keywords ``batch_size`` (default 256), ``progress``, ``desc`` and
+    ``return_stats`` (also return ``EngineStats``) control the driver.
+
+    Args:
+      fn: one of ``bgeom.deepfool``, ``bgeom.targeted_deepfool``,
+        ``bgeom.subspace_deepfool``, ``bgeom.boundary_point``.
+
+    Returns:
+      ``run_batch(apply_fn, params, xs, *args, **options)``.
+    """
+    plan = _PLANS.get(fn)
+    if plan is None:
+        names = ", ".join(sorted(f"bgeom.{f.__name__}" for f in _PLANS))
+        raise ValueError(
+            f"bgeom.batched takes an iterative bgeom analysis ({names}); got "
+            f"{getattr(fn, '__name__', fn)!r}. For any other per-example function use "
+            "jax.jit(jax.vmap(fn)) or bgeom.sweep."
+        )
+
+    @functools.wraps(fn)
+    def run_batch(
+        apply_fn: Callable,
+        params: Any,
+        xs: Any,
+        *args: Any,
+        batch_size: int = 256,
+        progress: bool = False,
+        desc: str = "",
+        return_stats: bool = False,
+        **options: Any,
+    ) -> Any:
+        xs = jnp.asarray(xs)
+        if xs.ndim != 4:
+            raise ValueError(
+                f"bgeom.batched({fn.__name__}) expects a batch of images (N, H, W, C); got "
+                f"shape {tuple(xs.shape)}. For one image call bgeom.{fn.__name__} directly."
+            )
+        it, consts, examples = plan(apply_fn, params, xs, *args, **options)
+        out, stats = run(it, consts, *examples, batch_size=batch_size, progress=progress, desc=desc)
+        return (out, stats) if return_stats else out
+
+    return run_batch
