@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bgeom import _checks, boundary
+from bgeom import _checks, boundary, engine
 from bgeom.margins import targeted_deepfool
 
 # ``PathResult.status`` codes (index into STATUS_NAMES).
@@ -766,17 +766,20 @@ def _push_into(
     push: boundary.DeepFoolOptions | None,
     map_fn: Callable,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``images`` moved into ``targets`` by targeted DeepFool, and which arrived there."""
-    # Clear errors now (trace-time checks only), then map the traced version.
+    """``images`` moved into ``targets`` by targeted DeepFool, and which arrived there.
+
+    The pushes run through ``bgeom.engine`` (top-level steps, compaction).
+    """
     push = _push_options(push)
-    push.checked(name, apply_fn, params, images[0])
-
-    def one(p, x, t):
-        return targeted_deepfool(
-            apply_fn, p, x, t, overshoot=push.overshoot, max_iter=push.max_iter, bounds=push.bounds
-        )
-
-    pushed = map_fn(one, params, images, targets, in_axes=(None, 0, 0))
+    pushed = engine.batched(targeted_deepfool)(
+        apply_fn,
+        params,
+        images,
+        targets,
+        overshoot=push.overshoot,
+        max_iter=push.max_iter,
+        bounds=push.bounds,
+    )
     moved = images + np.asarray(pushed.perturbation)
     # Re-check the stored points: x + r is rounded once more than x + (1 + o) r.
     moved_labels = np.asarray(map_fn(_label_fn(apply_fn), params, moved, in_axes=(None, 0)))
@@ -813,9 +816,10 @@ def make_pairs(
       labels: the model's predictions on ``images`` if already known
         (computed otherwise).
       push: the settings of the targeted DeepFool pushes, as in ``find_path``.
-      map_fn: ``map_fn(fn, *args, in_axes=...)`` batches a per-example function
-        (default: one ``jax.jit(jax.vmap(fn))`` call over everything; the
-        suite passes its chunked, sharded ``ctx.map``).
+      map_fn: ``map_fn(fn, *args, in_axes=...)`` batches the label
+        predictions (default: one ``jax.jit(jax.vmap(fn))`` call over
+        everything; the suite passes its chunked, sharded ``ctx.map``). The
+        pushes run through ``bgeom.batched(targeted_deepfool)``.
 
     Returns:
       ``Pairs`` of NumPy arrays, kinds one after the other.

@@ -439,6 +439,38 @@ class SuiteContext:
             desc=desc,
         )
 
+    def batched(
+        self,
+        fn: Callable,
+        member: Member,
+        *rows: Any,
+        batch_size: int = 256,
+        desc: str = "",
+        **options: Any,
+    ) -> Any:
+        """``bgeom.batched(fn)`` for one member: an iterative analysis with compaction.
+
+        ``fn`` is an iterative bgeom analysis (``deepfool``, ``targeted_deepfool``,
+        ``subspace_deepfool``, ``boundary_point``) or ``subspace_margins``;
+        ``rows`` are its per-example arguments (images first), ``options`` its
+        keywords. Every step runs as a jitted top-level call and finished
+        examples leave the batch at once (``bgeom.engine``). In a
+        multi-process run the rows are split over the processes and the
+        result gathered; each process runs its share on its own default device.
+        Returns NumPy arrays, the whole result on every process.
+        """
+        from bgeom import engine, margins
+        from bgeom.sharding import split_over_processes
+
+        kw = dict(batch_size=batch_size, progress=self.progress, desc=desc, **options)
+        if fn is margins.subspace_margins:
+            run = lambda xs: fn(member.apply_fn, member.params, xs, *rows[1:], **kw)
+            return split_over_processes(run, rows[0])
+        run_batch = engine.batched(fn)
+        return split_over_processes(
+            lambda *a: run_batch(member.apply_fn, member.params, *a, **kw), *rows
+        )
+
 
 def _is_writer() -> bool:
     from bgeom.sharding import process_info

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from bgeom import curvature, detection, subspaces
-from bgeom.margins import deepfool, subspace_deepfool
+from bgeom.margins import deepfool, subspace_margins
 from bgeom.probes import base
 from bgeom.probes.base import Member, ProbeOptions, ProbeOutput, SuiteContext, option
 
@@ -295,23 +295,13 @@ def _shared_subspace(ctx, opts, member, plan, x_test, spectra: _Spectra) -> _Sha
     random_sub = subspaces.random(jax.random.PRNGKey(opts.seed + 1), shape, m)
     curved_sub = subspaces.from_basis(basis, name="shared curved")
     r = np.asarray(spectra.test.boundary_point) - x_test
-    apply_fn = member.apply_fn
-
-    def margins(p, xi):
-        return (
-            deepfool(apply_fn, p, xi),
-            subspace_deepfool(apply_fn, p, xi, curved_sub),
-            subspace_deepfool(apply_fn, p, xi, random_sub),
-        )
-
-    full_df, in_s, in_r = ctx.map(
-        margins,
-        member.params,
-        x_test,
-        in_axes=(None, 0),
-        batch_size=opts.batch_size,
-        desc=f"margins in S {member.name}",
+    desc = f"margins in S {member.name}"
+    full_df = ctx.batched(deepfool, member, x_test, batch_size=opts.batch_size, desc=desc)
+    both = subspaces.stack([curved_sub, random_sub])
+    in_both = ctx.batched(
+        subspace_margins, member, x_test, both, batch_size=2 * opts.batch_size, desc=desc
     )
+    in_s, in_r = (jax.tree.map(lambda a, i=i: a[:, i], in_both) for i in range(2))
     return _Shared(
         m=m,
         subspace=shared,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from bgeom import subspaces as subspaces_lib
-from bgeom.margins import subspace_deepfool
+from bgeom.margins import subspace_margins
 from bgeom.probes import base
 from bgeom.probes.base import Member, ProbeOptions, ProbeOutput, SuiteContext, option
 
@@ -40,7 +40,7 @@ class InvarianceOptions(ProbeOptions):
     max_iter: int = option(
         100, "most steps of a subspace search (no flip: an infinite margin)", ge=0
     )
-    batch_size: int = option(50, "images per compiled batch (each with every block)", ge=1)
+    batch_size: int = option(50, "images in flight at once, each with every block", ge=1)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,29 +66,16 @@ def _margins(
     ctx: SuiteContext, member: Member, x: np.ndarray, subspace, opts: InvarianceOptions, desc: str
 ) -> dict[str, np.ndarray]:
     """Subspace margins of ``member``: every field with a leading member axis, (1, n, M)."""
-    import jax
-
-    def one(p, stack, xi):
-        return jax.vmap(
-            lambda s: subspace_deepfool(
-                member.apply_fn,
-                p,
-                xi,
-                s,
-                candidates=opts.candidates,
-                overshoot=opts.overshoot,
-                max_iter=opts.max_iter,
-            )
-        )(stack)
-
-    res = ctx.map(
-        one,
-        member.params,
-        subspace,
+    res = ctx.batched(
+        subspace_margins,
+        member,
         x,
-        in_axes=(None, None, 0),
-        batch_size=opts.batch_size,
+        subspace,
+        batch_size=opts.batch_size * len(subspace),
         desc=f"{desc} {member.name}",
+        candidates=opts.candidates,
+        overshoot=opts.overshoot,
+        max_iter=opts.max_iter,
     )
     return {f: np.asarray(getattr(res, f))[None] for f in res._fields}
 

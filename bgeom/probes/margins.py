@@ -26,7 +26,7 @@ class MarginsOptions(ProbeOptions):
     max_iter: int = option(
         50, "most DeepFool steps (a search that does not flip is left out)", ge=0
     )
-    batch_size: int = option(128, "examples per compiled batch", ge=1)
+    batch_size: int = option(128, "examples in flight at once (slots of the batched driver)", ge=1)
     examples: int = option(6, "perturbations drawn per member in the examples figure", ge=0)
 
 
@@ -82,24 +82,15 @@ def _deepfool(
     ctx: SuiteContext, member: Member, x: np.ndarray, opts: MarginsOptions
 ) -> dict[str, np.ndarray]:
     """DeepFool on every image of ``x``: each field with a leading member axis (1, n, ...)."""
-
-    def one(p, xi):
-        return deepfool(
-            member.apply_fn,
-            p,
-            xi,
-            candidates=opts.candidates,
-            overshoot=opts.overshoot,
-            max_iter=opts.max_iter,
-        )
-
-    res = ctx.map(
-        one,
-        member.params,
+    res = ctx.batched(
+        deepfool,
+        member,
         x,
-        in_axes=(None, 0),
         batch_size=opts.batch_size,
         desc=f"deepfool {member.name}",
+        candidates=opts.candidates,
+        overshoot=opts.overshoot,
+        max_iter=opts.max_iter,
     )
     return {f: np.asarray(getattr(res, f))[None] for f in res._fields}
 
