@@ -4,7 +4,7 @@ Every analysis takes ``apply_fn(params, x)`` (logits of ONE example of shape
 (H, W, C)) and returns a NamedTuple of arrays; batch with ``jax.vmap``.
 """
 
-from bgeom import boundary, curvature, data, detection, models, subspaces, train
+from bgeom import boundary, curvature, data, detection, models, sparse, subspaces, train
 from bgeom.boundary import BoundaryPoint, DeepFoolOptions, boundary_point
 from bgeom.curvature import CurvatureResult, boundary_curvature
 from bgeom.engine import batched
@@ -17,6 +17,7 @@ from bgeom.margins import (
 )
 from bgeom.paths import PathResult, find_path, find_paths
 from bgeom.sharding import sweep
+from bgeom.sparse import SparseResult, sparsefool
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "DeepFoolOptions",
     "MarginResult",
     "PathResult",
+    "SparseResult",
     "batched",
     "boundary",
     "boundary_curvature",
@@ -37,6 +39,8 @@ __all__ = [
     "find_path",
     "find_paths",
     "models",
+    "sparse",
+    "sparsefool",
     "subspace_deepfool",
     "subspace_margins",
     "subspaces",

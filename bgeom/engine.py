@@ -329,7 +329,7 @@ def batched(fn: Callable) -> Callable:
 
     Args:
       fn: one of ``bgeom.deepfool``, ``bgeom.targeted_deepfool``,
-        ``bgeom.subspace_deepfool``, ``bgeom.boundary_point``.
+        ``bgeom.subspace_deepfool``, ``bgeom.boundary_point``, ``bgeom.sparsefool``.
 
     Returns:
       ``run_batch(apply_fn, params, xs, *args, **options)``.

@@ -60,6 +60,7 @@ ANALYSES = {
     "curvature_density": lambda apply_fn, params, x: bgeom.curvature.curvature_density(
         apply_fn, params, x, jax.random.PRNGKey(2), num_probes=2, num_matvecs=6
     ),
+    "sparsefool": lambda apply_fn, params, x: bgeom.sparsefool(apply_fn, params, x, max_iter=5),
     "principal_curvatures": lambda apply_fn, params, x: bgeom.curvature.principal_curvatures(
         apply_fn, params, x, jnp.argmax(apply_fn(params, x)), 0, k=3, num_matvecs=6
     ),
