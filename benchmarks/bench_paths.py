@@ -19,6 +19,15 @@ points) are searched three ways:
   loop (one ``jax.grad`` per step). It is timed on the first ``--loop-pairs``
   pairs of each kind; throughputs (pairs per second) are compared.
 
+The targeted pushes are timed on their own too (``time_pushes``): the pushes
+``make_pairs`` makes (every endpoint of another class moved into the pair's
+class) through ``bgeom.batched(bgeom.targeted_deepfool)`` (how ``make_pairs``
+runs them: top-level jitted steps, compaction), through
+``jax.jit(jax.vmap(bgeom.targeted_deepfool))``, and one image at a time by the
+loop's eager push. Inside ``find_paths`` the anchor pushes are not run by the
+engine: each search step runs ``vmap`` of the targeted DeepFool search inside
+the pool's ``lax.while_loop`` (under a ``lax.cond``), and the table says so.
+
 bgeom's times are medians of ``--repeats`` runs after a first (compiling) call.
 The ``connected`` flags of the three are compared pair by pair. Writes
 ``benchmarks/results/paths.json`` (``--out`` changes the folder) and rewrites its
@@ -115,6 +124,59 @@ def reference_path(f, x1, x2, *, max_anchors, max_depth, samples, verify_samples
     return ok, len(points) - 2
 
 
+def time_pushes(f, p, images, pairs, args: argparse.Namespace) -> dict[str, Any]:
+    """The targeted pushes of ``make_pairs``, three ways; times, steps, agreement of success."""
+    import jax
+    import jax.numpy as jnp
+
+    import bgeom
+
+    labels = np.asarray(jax.jit(jax.vmap(lambda z: jnp.argmax(f(p, z))))(images))
+    push1, push2 = labels[pairs.first] != pairs.label, labels[pairs.second] != pairs.label
+    sources = np.r_[pairs.first[push1], pairs.second[push2]]
+    targets = np.r_[pairs.label[push1], pairs.label[push2]].astype(np.int32)
+    if not sources.size:
+        return {"pushes": 0}
+    x = jnp.asarray(images[sources])
+    t = jnp.asarray(targets)
+    kw = dict(overshoot=OPTIONS["overshoot"], max_iter=MAX_ITER)
+    batched = lambda: bgeom.batched(bgeom.targeted_deepfool)(f, p, x, t, return_stats=True, **kw)
+    lockstep = jax.jit(jax.vmap(lambda a, b: bgeom.targeted_deepfool(f, p, a, b, **kw)))
+    out: dict[str, Any] = {"pushes": int(sources.size)}
+    results = {}
+    for method, fn in (("batched", batched), ("jit_vmap", lambda: lockstep(x, t))):
+        first, _ = timed(fn)
+        median, times, res = median_time(fn, args.repeats)
+        out[method] = {"first_call_s": first, "median_s": median, "times": times}
+        results[method] = res
+    result, stats = results["batched"]
+    out["batched"]["engine_stats"] = stats._asdict()
+    it = np.asarray(results["jit_vmap"].iterations)
+    out["jit_vmap"]["work_efficiency"] = float(it.sum() / (it.size * max(int(it.max()), 1)))
+    single = lambda z: f(p, z)
+    _reference_push(single, x[0], int(targets[0]), OPTIONS["overshoot"], MAX_ITER)  # warm
+    start = time.perf_counter()
+    loop = [
+        _reference_push(single, x[i], int(targets[i]), OPTIONS["overshoot"], MAX_ITER)
+        for i in range(len(sources))
+    ]
+    out["loop"] = {"seconds": time.perf_counter() - start}
+    reached = {
+        "batched": np.asarray(result.converged),
+        "jit_vmap": np.asarray(results["jit_vmap"].converged),
+        "loop": np.array([z is not None for z in loop]),
+    }
+    out["reached"] = {k: int(v.sum()) for k, v in reached.items()}
+    out["reached_agree_jit_vmap"] = int(np.sum(reached["batched"] == reached["jit_vmap"]))
+    out["reached_agree_loop"] = int(np.sum(reached["batched"] == reached["loop"]))
+    print(
+        f"pushes: {out['pushes']}, batched {out['batched']['median_s']:.3f} s, jit(vmap) "
+        f"{out['jit_vmap']['median_s']:.3f} s, eager loop {out['loop']['seconds']:.2f} s",
+        flush=True,
+    )
+    return out
+
+
 def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
@@ -141,6 +203,8 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         timings[method] = {"first_call_s": first, "median_s": median, "times": times}
         results[method] = res
         print(f"{name} {method}: {n} pairs, median {median:.2f} s", flush=True)
+
+    pushes = time_pushes(f, p, np.asarray(ds.x_test), pairs, args)
 
     # The loop on the first --loop-pairs pairs of each kind; bgeom on the same subset too.
     subset = np.concatenate(
@@ -181,6 +245,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "connected_agree_loop": int(np.sum(conn["find_paths"][subset] == loop_conn)),
         "anchors_find_paths_subset": np.asarray(results["find_paths"].num_anchors)[subset].tolist(),
         "anchors_loop": [a for _, a in loop],
+        "pushes": pushes,
         "segments_tested_median": float(np.median(tested)),
         "segments_tested_max": int(tested.max()),
     }
@@ -194,6 +259,11 @@ def render(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     verdicts = []
+    push_rows = [
+        "| model | pushes run by | pushes | first call (s) | median (s) | pushes/s "
+        "| work efficiency | reached the class | reached agrees with batched |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["models"]:
         t, m = r["timings"], r["model"]
         rows += [
@@ -206,7 +276,29 @@ def render(results: dict[str, Any]) -> str:
             f"| {r['connected_agree_vmap']} / {r['pairs']} |",
             f"| {m} | per-pair eager loop | {r['loop_pairs']} | - | {r['loop_s']:.1f} "
             f"| {r['loop_pairs_per_s']:.2f} | {r['connected_agree_loop']} / {r['loop_pairs']} |",
+            f"| {m} | how `find_paths` pushes anchors: `vmap` of the targeted DeepFool search "
+            "inside the pool's `lax.while_loop` (under `lax.cond`), not through `bgeom.engine`; "
+            "`make_pairs` pushes endpoints with `bgeom.batched(targeted_deepfool)` (below) "
+            "| - | - | - | - | - |",
         ]
+        q = r["pushes"]
+        if q.get("pushes"):
+            st = q["batched"]["engine_stats"]
+            n_push = q["pushes"]
+            push_rows += [
+                f"| {m} | `bgeom.batched(targeted_deepfool)` (as `make_pairs`) | {n_push} "
+                f"| {q['batched']['first_call_s']:.1f} | {q['batched']['median_s']:.3f} "
+                f"| {n_push / q['batched']['median_s']:.0f} | {st['work_efficiency']:.2f} "
+                f"| {q['reached']['batched']} | - |",
+                f"| {m} | `jit(vmap(targeted_deepfool))` | {n_push} "
+                f"| {q['jit_vmap']['first_call_s']:.1f} | {q['jit_vmap']['median_s']:.3f} "
+                f"| {n_push / q['jit_vmap']['median_s']:.0f} "
+                f"| {q['jit_vmap']['work_efficiency']:.2f} | {q['reached']['jit_vmap']} "
+                f"| {q['reached_agree_jit_vmap']} / {n_push} |",
+                f"| {m} | eager per-image push (the loop's) | {n_push} | - "
+                f"| {q['loop']['seconds']:.3f} | {n_push / q['loop']['seconds']:.0f} | - "
+                f"| {q['reached']['loop']} | {q['reached_agree_loop']} / {n_push} |",
+            ]
         lockstep_note = (
             "under vmap every pair runs as many segment tests as the hardest"
             if r["speedup_vs_vmap"] >= 1
@@ -239,8 +331,18 @@ def render(results: dict[str, Any]) -> str:
             f"depth-first) runs the first {cfg['loop_pairs']} pairs of each kind once, after "
             "one untimed pair that warms JAX's eager caches. Breadth-first vs depth-first "
             "order and batched vs single model calls can place anchors differently.",
+            "- **Targeted pushes** (targeted DeepFool, overshoot 0.02, 50 steps): the pushes "
+            "`make_pairs` makes for these pairs (each endpoint of another class moved into the "
+            "pair's class), timed alone: through `bgeom.batched` (top-level jitted steps, "
+            "finished images leave; work efficiency = `EngineStats.steps / computed_steps`), "
+            "`jit(vmap)` (lock step: the images' steps / (pushes x the most steps)) and the "
+            "loop's eager push, one image at a time (once, after one untimed push). The "
+            "batched pushes' first call finds their steps compiled already (by `make_pairs`, "
+            "same shapes).",
             "",
             *rows,
+            "",
+            *push_rows,
             "",
             *verdicts,
         ],
