@@ -40,21 +40,45 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy import fft
 
 from bgeom import _checks
 
 Shape = tuple[int, ...]
 
 
+@functools.lru_cache(maxsize=32)
+def dct_matrix(n: int) -> np.ndarray:
+    """The orthonormal DCT-II matrix ``D`` (n x n): ``D @ v`` is the DCT of ``v``."""
+    k, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    d[0] /= np.sqrt(2.0)
+    return d
+
+
+def _apply(x: jax.Array, transpose: bool) -> jax.Array:
+    """``D_H x D_W^T`` (or its inverse) over the (H, W) axes, as two dense matmuls.
+
+    At image sizes a dense matrix product is several times faster on CPU than
+    an FFT-based DCT, and equal to float rounding.
+    """
+    x = jnp.asarray(x)
+    dh, dw = (jnp.asarray(dct_matrix(n), x.dtype) for n in x.shape[-3:-1])
+    if transpose:
+        dh, dw = dh.T, dw.T
+    # HIGHEST: no reduced-precision (TF32) products on GPUs.
+    high = jax.lax.Precision.HIGHEST
+    y = jnp.einsum("ih,...hwc->...iwc", dh, x, precision=high)
+    return jnp.einsum("jw,...iwc->...ijc", dw, y, precision=high)
+
+
 def dct2(x: jax.Array) -> jax.Array:
     """Orthonormal 2-D DCT-II over the (H, W) axes of ``(..., H, W, C)`` arrays."""
-    return fft.dctn(x, type=2, axes=(-3, -2), norm="ortho")
+    return _apply(x, transpose=False)
 
 
 def idct2(c: jax.Array) -> jax.Array:
     """Inverse of ``dct2`` (orthonormal, so also its transpose)."""
-    return fft.idctn(c, type=2, axes=(-3, -2), norm="ortho")
+    return _apply(c, transpose=True)
 
 
 def _check_shape(shape: Any, fn: str) -> tuple[int, int, int]:
