@@ -9,17 +9,29 @@ ReLU nets are piecewise linear.
 ``functional(model)`` turns a module into ``(apply_fn, params)`` with
 ``apply_fn(params, x)`` the logits of ONE unbatched example, the interface
 every analysis in bgeom takes. No analysis imports Flax.
+
+Every convolution is an ``nnx.Conv`` (same parameters, initialisation and
+checkpoint layout) computed by ``canonical_conv``, and max-pooling is a
+reshape and a max (``max_pool_2x2``): the same values and derivatives as
+``lax.conv_general_dilated`` and ``nnx.max_pool``, written so that the input
+gradient inside bgeom's ``while_loop`` searches is again an ordinary
+convolution, with no scatter (BENCHMARKS.md: top level vs inside a loop).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 ACTIVATIONS = ("relu", "softplus", "gelu", "tanh", "swish")
 MODELS = ("mlp", "lenet", "cnn", "resnet18")
@@ -72,9 +84,180 @@ def _pooled(n: int, times: int = 2) -> int:
     return n
 
 
-def _pool(x: jax.Array) -> jax.Array:
-    """2x2 max-pooling that keeps odd sizes (ceil), so tiny inputs like 8x8 work."""
-    return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+# ------------------------------------------------------------------ convolution
+
+
+def _lax_conv(config: tuple, x: jax.Array, w: jax.Array, dn: Any = None) -> jax.Array:
+    """``lax.conv_general_dilated`` with the options in ``config`` (``dn`` overrides)."""
+    strides, padding, lhs_dil, rhs_dil, config_dn, groups, precision, pet, sharding = config
+    return lax.conv_general_dilated(
+        x,
+        w,
+        strides,
+        padding,
+        lhs_dilation=lhs_dil,
+        rhs_dilation=rhs_dil,
+        dimension_numbers=config_dn if dn is None else dn,
+        feature_group_count=groups,
+        precision=precision,
+        preferred_element_type=pet,
+        out_sharding=sharding,
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _conv(config: tuple, x: jax.Array, w: jax.Array) -> jax.Array:
+    return _lax_conv(config, x, w)
+
+
+@functools.partial(_conv.defjvp, symbolic_zeros=True)
+def _conv_jvp(config, primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    # Plain lax here, not _conv: the forward-mode derivative of this rule
+    # (forward over reverse, the exact Hessian-vector products) is then
+    # lax's own, a canonical convolution of the tangent.
+    y = _lax_conv(config, x, w)
+    parts = []
+    if not isinstance(dx, SymbolicZero):
+        # The same linear map of dx, with the kernel's in/out feature axes
+        # swapped both in memory and in the dimension numbers. JAX transposes
+        # a convolution by swapping the kernel's in/out labels and reversing
+        # its spatial axes, so the input gradient is a convolution of the
+        # cotangent with the array rev(swap(w)) read in the kernel's own
+        # layout: the canonical form, which XLA:CPU also compiles well inside
+        # loop bodies.
+        dn = config[4]
+        o, i, *spatial = dn.rhs_spec
+        swapped = dn._replace(rhs_spec=(i, o, *spatial))
+        parts.append(_lax_conv(config, dx, jnp.swapaxes(w, o, i), swapped))
+    if not isinstance(dw, SymbolicZero):
+        parts.append(_lax_conv(config, x, dw))  # transposed: the usual kernel gradient
+    if not parts:
+        return y, jnp.zeros_like(y)
+    return y, parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _static(v: Any) -> Any:
+    """A hashable copy of a convolution option (lists of pairs become tuples)."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_static(a) for a in v)
+    return v
+
+
+def canonical_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    out_sharding: Any = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` whose input gradient is a canonical convolution.
+
+    A drop-in replacement (same signature, bitwise the same values;
+    ``nnx.Conv(..., conv_general_dilated=canonical_conv)``) with the same
+    derivatives in every mode, to float32 rounding. What changes is the form
+    of one convolution: the gradient with respect to the input is computed as
+    a convolution of the cotangent with the spatially reversed kernel whose
+    in/out feature axes are swapped in memory, read in the kernel's own layout
+    (``b01f_01io->b01f`` for NHWC/HWIO), instead of one that reads the kernel
+    with in and out swapped (``01oi``). XLA:CPU runs the latter as a naive
+    loop nest inside ``while_loop`` bodies, where bgeom's searches spend their
+    time (BENCHMARKS.md). Reverse mode and forward over reverse (exact
+    Hessian-vector products, ``jax.hessian``) are canonical throughout; the
+    kernel gradient is JAX's usual one. The price is paid where bgeom does not
+    go: in forward mode alone (``jax.jvp`` of the model) and reverse over
+    reverse, the tangent of the input is convolved with the swapped layout.
+    ``batch_group_count > 1`` (only found in kernel gradients) is passed to
+    ``lax.conv_general_dilated`` unchanged.
+    """
+    if batch_group_count != 1:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
+            out_sharding,
+        )
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    config = (
+        _static(window_strides),
+        _static(padding),
+        _static(lhs_dilation),
+        _static(rhs_dilation),
+        dn,
+        int(feature_group_count),
+        _static(precision),
+        preferred_element_type,
+        out_sharding,
+    )
+    return _conv(config, lhs, rhs)
+
+
+def _conv_layer(cin: int, cout: int, kernel: Sequence[int], *, rngs: nnx.Rngs, **kwargs):
+    """``nnx.Conv`` (same parameters and initialisation) computed by ``canonical_conv``."""
+    return nnx.Conv(cin, cout, kernel, conv_general_dilated=canonical_conv, rngs=rngs, **kwargs)
+
+
+# ------------------------------------------------------------------ max-pooling
+
+# The position of each element of a 2x2 window in row-major order, on the
+# (N, H/2, 2, W/2, 2, C) view of an (N, H, W, C) array.
+_WINDOW_ORDER = np.arange(4, dtype=np.int32).reshape(1, 1, 2, 1, 2, 1)
+
+
+def _windows(x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_jvp
+def _max_pool_even(x: jax.Array) -> jax.Array:
+    return jnp.max(_windows(x), axis=(2, 4))
+
+
+@_max_pool_even.defjvp
+def _max_pool_even_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = _max_pool_even(x)
+    # Each output takes the tangent of the FIRST maximum of its window in
+    # row-major order, as the derivative of reduce_window max does (ties are
+    # common: constant image regions give equal activations); masks and sums
+    # only, so the transpose is a select and a broadcast, no scatter.
+    win = _windows(x)
+    rank = jnp.where(win == y[:, :, None, :, None, :], _WINDOW_ORDER, 4)
+    first = rank == jnp.min(rank, axis=(2, 4), keepdims=True)
+    return y, jnp.sum(jnp.where(first, _windows(dx), 0), axis=(2, 4))
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 stride-2 max-pooling of (N, H, W, C), ceil mode, so tiny inputs like 8x8 work.
+
+    Equal to ``nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")`` (an
+    odd height or width is padded with -inf at the end) in value and in every
+    derivative, written as a reshape and a max instead of ``reduce_window``,
+    whose gradient becomes a scatter under ``vmap`` (BENCHMARKS.md).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"max_pool_2x2 expects (N, H, W, C); got shape {x.shape}.")
+    _, h, w, _ = x.shape
+    if h % 2 or w % 2:
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+    return _max_pool_even(x)
 
 
 class MLP(nnx.Module):
@@ -91,7 +274,7 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.act = get_activation(activation, beta)
-        sizes = [int(jnp.prod(jnp.asarray(input_shape))), *hidden]
+        sizes = [math.prod(input_shape), *hidden]
         self.layers = nnx.List(
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
         )
@@ -121,16 +304,16 @@ class LeNet(nnx.Module):
     ):
         h, w, c = input_shape
         self.act = get_activation(activation, beta)
-        self.conv1 = nnx.Conv(c, 6, (5, 5), rngs=rngs)
-        self.conv2 = nnx.Conv(6, 16, (5, 5), rngs=rngs)
+        self.conv1 = _conv_layer(c, 6, (5, 5), rngs=rngs)
+        self.conv2 = _conv_layer(6, 16, (5, 5), rngs=rngs)
         flat = _pooled(h) * _pooled(w) * 16
         self.fc1 = nnx.Linear(flat, 120, rngs=rngs)
         self.fc2 = nnx.Linear(120, 84, rngs=rngs)
         self.head = nnx.Linear(84, num_classes, rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
-        h = _pool(self.act(self.conv1(x)))
-        h = _pool(self.act(self.conv2(h)))
+        h = max_pool_2x2(self.act(self.conv1(x)))
+        h = max_pool_2x2(self.act(self.conv2(h)))
         h = self.act(self.fc1(_flat(h)))
         return self.act(self.fc2(h))
 
@@ -156,10 +339,10 @@ class CNN(nnx.Module):
         self.act = get_activation(activation, beta)
         self.convs = nnx.List(
             [
-                nnx.Conv(c, width, (3, 3), rngs=rngs),
-                nnx.Conv(width, width, (3, 3), rngs=rngs),
-                nnx.Conv(width, 2 * width, (3, 3), rngs=rngs),
-                nnx.Conv(2 * width, 2 * width, (3, 3), rngs=rngs),
+                _conv_layer(c, width, (3, 3), rngs=rngs),
+                _conv_layer(width, width, (3, 3), rngs=rngs),
+                _conv_layer(width, 2 * width, (3, 3), rngs=rngs),
+                _conv_layer(2 * width, 2 * width, (3, 3), rngs=rngs),
             ]
         )
         flat = _pooled(h) * _pooled(w) * 2 * width
@@ -171,7 +354,7 @@ class CNN(nnx.Module):
         for i, conv in enumerate(self.convs):
             h = self.act(conv(h))
             if i % 2 == 1:
-                h = _pool(h)
+                h = max_pool_2x2(h)
         return self.act(self.fc(_flat(h)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -183,12 +366,14 @@ class BasicBlock(nnx.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, act: Callable, *, rngs: nnx.Rngs):
         self.act = act
-        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.conv1 = _conv_layer(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
         self.bn1 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
-        self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
+        self.conv2 = _conv_layer(cout, cout, (3, 3), use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
         if stride != 1 or cin != cout:
-            self.short_conv = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            self.short_conv = _conv_layer(
+                cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs
+            )
             self.short_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
         else:
             self.short_conv = None
@@ -221,7 +406,7 @@ class ResNet18(nnx.Module):
         _, _, c = input_shape
         act = get_activation(activation, beta)
         self.act = act
-        self.stem = nnx.Conv(c, width, (3, 3), use_bias=False, rngs=rngs)
+        self.stem = _conv_layer(c, width, (3, 3), use_bias=False, rngs=rngs)
         self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
         blocks = []
         cin = width

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import tol
 
 from bgeom import models
@@ -63,3 +64,17 @@ def test_bad_model_arguments(kwargs, match):
     args = {"name": "cnn", "input_shape": (8, 8, 1), "num_classes": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
         models.create(**args)
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_every_convolution_is_canonical_and_no_reduce_window_pooling(name):
+    """New layers must use the loop-friendly kernels (see tests/test_kernels.py)."""
+    kwargs = {"width": 2} if name == "resnet18" else {}
+    model = nnx.eval_shape(lambda: models.create(name, (8, 8, 3), 4, **kwargs))
+    convs = [m for _, m in model.iter_modules() if isinstance(m, nnx.Conv)]
+    assert (len(convs) > 0) == (name != "mlp")
+    assert all(c.conv_general_dilated is models.canonical_conv for c in convs)
+    apply_fn, params = models.functional(model)
+    grad = jax.grad(lambda p, x: apply_fn(p, x)[0], argnums=1)
+    jaxpr = str(jax.make_jaxpr(grad)(params, jax.ShapeDtypeStruct((8, 8, 3), jnp.float32)))
+    assert "reduce_window" not in jaxpr and "select_and" not in jaxpr
