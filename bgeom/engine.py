@@ -13,8 +13,8 @@ functions over a whole batch from the host:
 - compaction: an example leaves its slot as soon as it finishes and a waiting
   one takes it, so no example pays for the slowest one (under
   ``jit(vmap(loop))`` every example runs as many steps as the slowest);
-- when no example is waiting, the slots shrink through power-of-two sizes, so
-  the tail does not run on a mostly empty batch;
+- when no example is waiting, the slots shrink (by factors of 4, down to 8),
+  so the tail does not run on a mostly empty batch;
 - memory is bounded by ``batch_size`` slots.
 
 The result equals ``jax.jit(jax.vmap(loop))`` up to the rounding of batched
@@ -82,9 +82,17 @@ class EngineStats(NamedTuple):
     seconds: float
 
 
+# Slot counts are ``top / 4^k``, none below this: few shapes to compile (each
+# costs a compilation of every piece), and a tail never runs on a mostly empty batch.
+_SMALLEST = 8
+
+
 def _bucket(n: int, top: int) -> int:
-    """The smallest power of two >= n, capped at ``top`` (and at least 1)."""
-    return min(top, 1 << max(0, int(n) - 1).bit_length())
+    """The smallest of ``top, top / 4, top / 16, ...`` (down to 8) that holds ``n``."""
+    size = top
+    while size % 4 == 0 and size // 4 >= max(n, _SMALLEST):
+        size //= 4
+    return size
 
 
 def _tree_rows(tree: Any, rows: np.ndarray) -> Any:
@@ -151,7 +159,7 @@ class _Run:
 
     def __init__(self, it: Iterative, consts: Any, examples: tuple, n: int, batch_size: int):
         self.it, self.consts, self.examples, self.n = it, consts, examples, n
-        self.top = _bucket(min(batch_size, n), batch_size)
+        self.top = min(batch_size, 1 << max(0, n - 1).bit_length())
         self.states: Any = None
         self.slots = _Slots(0)
         self.results: Any = None
