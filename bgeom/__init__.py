@@ -4,10 +4,23 @@ Every analysis takes ``apply_fn(params, x)`` (logits of ONE example of shape
 (H, W, C)) and returns a NamedTuple of arrays; batch with ``jax.vmap``.
 """
 
-from bgeom import boundary, curvature, data, detection, models, sparse, subspaces, train
+from bgeom import (
+    borderline,
+    boundary,
+    curvature,
+    data,
+    detection,
+    features,
+    models,
+    sparse,
+    subspaces,
+    train,
+)
+from bgeom.borderline import BorderlineResult, borderline_search
 from bgeom.boundary import BoundaryPoint, DeepFoolOptions, boundary_point
 from bgeom.curvature import CurvatureResult, boundary_curvature
 from bgeom.engine import batched
+from bgeom.features import HullResult, hull_distance
 from bgeom.margins import (
     MarginResult,
     deepfool,
@@ -22,6 +35,12 @@ from bgeom.sparse import SparseResult, sparsefool
 __version__ = "0.1.0"
 
 __all__ = [
+    "BorderlineResult",
+    "HullResult",
+    "borderline",
+    "borderline_search",
+    "features",
+    "hull_distance",
     "BoundaryPoint",
     "CurvatureResult",
     "DeepFoolOptions",

@@ -97,6 +97,21 @@ DEFAULT_CONFIG: dict[str, Any] = {
         {"probe": "curvature", "models": ["cnn-softplus", "mlp-relu"]},
         # Paths inside class regions between pairs of same-class points.
         {"probe": "connectivity", "models": ["cnn-relu", "cnn-softplus", "mlp-relu"]},
+        # Sparse perturbations (SparseFool) against DeepFool's, per-class pixel maps.
+        {"probe": "sparsity", "models": ["cnn-relu", "cnn-softplus", "mlp-relu"]},
+        # DeepDIG's borderline instances for two digit pairs.
+        {
+            "probe": "borderline",
+            "models": ["cnn-relu"],
+            "pairs": ["3-8", "4-9"],
+            "steps": 100,
+            "batch_size": 32,
+            "partners": 3,
+            "geometry_samples": 12,
+            "examples": 3,
+        },
+        # Class polyhedra, convex hulls and morphing in the last hidden layer.
+        {"probe": "features", "models": ["cnn-relu"]},
     ],
 }
 
