@@ -11,6 +11,10 @@
   ...): read with ``tfds.data_source`` from ArrayRecord files (no TensorFlow at
   read time). Preparing a dataset the first time needs the network and, for
   most datasets, TensorFlow: ``bgeom prepare NAME --data-dir DIR``.
+- the corruption benchmarks ``cifar10_corrupted/<corruption>_<severity>`` (test
+  split only) and ``mnist_corrupted/<corruption>``, one TFDS config each; a
+  plain ``cifar10_corrupted`` is refused, since TFDS would load its default
+  config, one corruption at severity 1 (docs/prime.md).
 """
 
 from __future__ import annotations
@@ -180,12 +184,39 @@ def synthetic(
     return Dataset(x_tr, y_tr, x_te, y_te, 2, "synthetic", info)
 
 
+# The corruption benchmarks on TFDS: the splits each has.
+CORRUPTED = {"cifar10_corrupted": ("test",), "mnist_corrupted": ("train", "test")}
+
+
+def _corrupted_config(name: str) -> None:
+    """Check ``<benchmark>/<config>`` against the benchmark's TFDS configs."""
+    import tensorflow_datasets as tfds
+
+    base, _, config = name.partition("/")
+    configs = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS]
+    if base == "cifar10_corrupted":
+        kinds = sorted({c.rsplit("_", 1)[0] for c in configs})
+        valid = f"<corruption>_<severity>, severity 1-5 and corruption one of {', '.join(kinds)}"
+        example = "cifar10_corrupted/gaussian_noise_3"
+    else:
+        valid = "one of " + ", ".join(configs)
+        example = "mnist_corrupted/shot_noise"
+    if not config:
+        raise ValueError(
+            f"{base} needs a config, e.g. {example!r} ({valid}); a plain {base!r} would load "
+            f"only its default config {configs[0]!r}."
+        )
+    if config not in configs:
+        raise ValueError(f"Unknown {base} config {config!r}; use {valid}.")
+
+
 def _tfds(
     name: str,
     data_dir: str | None,
     max_train: int | None,
     max_test: int | None,
     size: int | tuple[int, int] | None,
+    split_names: tuple[str, ...] = ("train", "test"),
 ) -> Dataset:
     import tensorflow_datasets as tfds
 
@@ -207,6 +238,8 @@ def _tfds(
 
     splits = {}
     for split, limit in (("train", max_train), ("test", max_test)):
+        if split not in split_names:
+            continue
         try:
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises several types for a missing dataset
@@ -224,7 +257,9 @@ def _tfds(
         splits[split] = (images, labels)
         info = source.dataset_info
     num_classes = int(info.features["label"].num_classes)
-    (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
+    x_te, y_te = splits["test"]
+    # A benchmark with a test split only has an empty training split.
+    x_tr, y_tr = splits.get("train", (x_te[:0], y_te[:0]))
     if size is not None:
         x_tr, x_te = resize(x_tr, size), resize(x_te, size)
     return Dataset(x_tr, y_tr, x_te, y_te, num_classes, name, {"source": "tfds", "size": size})
@@ -242,7 +277,9 @@ def load(
     """Load a dataset by name as in-memory NHWC float32 arrays.
 
     Args:
-      name: ``digits`` (embedded default), ``synthetic``, or a TFDS name.
+      name: ``digits`` (embedded default), ``synthetic``, or a TFDS name
+        (``cifar10_corrupted/<corruption>_<severity>``, ``mnist_corrupted/<corruption>``
+        for the corruption benchmarks: their config is required).
       size: resize images to ``size`` x ``size`` (or (H, W)); for ``synthetic``
         pass ``shape=(H, W, C)`` instead.
       data_dir: TFDS data directory (default ``~/tensorflow_datasets``).
@@ -265,6 +302,10 @@ def load(
     else:
         if kwargs:
             raise ValueError(f"TFDS datasets take no options {sorted(kwargs)}.")
+        base = name.partition("/")[0]
+        if base in CORRUPTED:
+            _corrupted_config(name)
+            return _tfds(name, data_dir, max_train, max_test, size, CORRUPTED[base])
         return _tfds(name, data_dir, max_train, max_test, size)
     if max_train is not None or max_test is not None:
         data = dataclasses.replace(

@@ -629,7 +629,13 @@ def classifier_loss(graphdef: Any, transform: Transform | None = None) -> LossFn
     ``batch`` ``{"x": images, "y": integer labels}``. ``transform(key, x, y,
     logits_fn)`` (see ``fit``) maps the batch first, with the parameters held
     fixed. Metrics: ``train_accuracy`` on the (transformed) batch.
+
+    A transform with a method ``loss(logits, y) -> (loss, metrics)`` replaces
+    the cross-entropy: it gets the model's logits on the transformed batch, which
+    may hold more rows than ``y`` (PRIME's JSD consistency loss: clean images
+    and two augmented copies, see ``bgeom.augment.PRIME``).
     """
+    transform_loss = getattr(transform, "loss", None)
 
     def loss_fn(params, rest, batch, key):
         x, y = batch["x"], batch["y"]
@@ -640,8 +646,11 @@ def classifier_loss(graphdef: Any, transform: Transform | None = None) -> LossFn
         # copy=True: fresh variables of this trace, which batch norm may update.
         module = nnx.merge(graphdef, params, rest, copy=True)
         logits = module(x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         new_rest = nnx.split(module, nnx.Param, ...)[2]
+        if transform_loss is not None:
+            loss, metrics = transform_loss(logits, y)
+            return loss, LossAux(new_rest, metrics)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, LossAux(new_rest, {"train_accuracy": jnp.mean(jnp.argmax(logits, -1) == y)})
 
     return loss_fn
@@ -748,7 +757,9 @@ def fit(
         training batch inside the jitted step (frequency flip, low-pass,
         adversarial examples, augmentation, ...; see ``bgeom.augment``). If it
         has a method ``inputs(x)``, test accuracy is measured on
-        ``inputs(x_test)`` and the result's ``inputs`` is that map.
+        ``inputs(x_test)`` and the result's ``inputs`` is that map; if it has a
+        method ``loss(logits, y)``, that is the training loss (see
+        ``classifier_loss``).
       checkpoint_dir: where orbax checkpoints go; an existing one of the same
         run is resumed (a finished one is loaded without training).
       progress: show a progress bar.
