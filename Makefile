@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	# CPU PyTorch for the PyTorch peers (the +cpu wheel where the index has one),
+	# torchattacks without its torchvision requirement (never imported).
+	$(PY) -m pip install --quiet "torch==2.13.0+cpu" || $(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
 	$(PY) benchmarks/run_all.py
 
 # Re-generate every notebooks/*.ipynb from its .py pair, executed at full size.

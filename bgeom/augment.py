@@ -215,8 +215,9 @@ def check_image(x: Any, fn_name: str) -> jax.Array:
             f"{fn_name} expects a floating-point image in [0, 1]; got dtype {x.dtype}. "
             "Convert it with x.astype(jnp.float32) / 255."
         )
-    if _checks.is_concrete(x):
-        lo, hi = float(jnp.min(x)), float(jnp.max(x))
+    if _checks.is_concrete(x):  # numpy: a jnp reduction of a closed-over x is traced under jit
+        values = np.asarray(x)
+        lo, hi = float(np.min(values)), float(np.max(values))
         if not (lo >= 0.0 and hi <= 1.0):  # also False for NaN
             raise ValueError(
                 f"{fn_name} expects values in [0, 1]; got values in [{lo:g}, {hi:g}]. "

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bgeom import _checks, engine
 
@@ -684,7 +685,7 @@ def options_of(fn: Callable, fn_name: str, options: dict[str, Any]) -> DeepFoolO
 
 def check_batch(xs: jax.Array, fn_name: str) -> None:
     """A batch's rank and, when its values are known, their finiteness."""
-    if _checks.is_concrete(xs) and not bool(jnp.all(jnp.isfinite(xs))):
+    if _checks.is_concrete(xs) and not bool(np.all(np.isfinite(np.asarray(xs)))):
         raise ValueError(f"{fn_name} got inputs with NaN or Inf values; clean them first.")
 
 

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bgeom import _checks, boundary, engine
 
@@ -271,8 +272,9 @@ def _settings(
 
 
 def _check_inside(x: jax.Array, bounds: tuple[float, float], fn: str) -> None:
-    if _checks.is_concrete(x):
-        lo, hi = float(jnp.min(x)), float(jnp.max(x))
+    if _checks.is_concrete(x):  # numpy: a jnp reduction of a closed-over x is traced under jit
+        values = np.asarray(x)
+        lo, hi = float(np.min(values)), float(np.max(values))
         if lo < bounds[0] or hi > bounds[1]:
             raise ValueError(
                 f"{fn}: the image's values [{lo:.4g}, {hi:.4g}] leave bounds {bounds}; scale "

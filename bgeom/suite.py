@@ -52,7 +52,7 @@ from bgeom.probes.base import (  # noqa: F401  (re-exported: bgeom.suite.<name> 
     register_probe,
 )
 
-# The embedded default (``make demo``): digits, eight small models, the four
+# The embedded default (``make demo``): digits, nine small models, eight
 # probes; its run time is measured in README.md (budget: 5 minutes on 2 cores).
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "digits",
@@ -72,6 +72,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
             "beta": 5.0,
         },
         "mlp-relu": {"dataset": "digits", "model": "mlp", "activation": "relu"},
+        # The ReLU CNN trained on PRIME-augmented digits (robustness probe).
+        "cnn-prime": {
+            "dataset": "digits",
+            "model": "cnn",
+            "activation": "relu",
+            "augment": {"name": "prime"},
+        },
         # The invariance experiments: one MLP per training variant on 28x28 digits.
         "mlp28": {"dataset": "digits28", "model": "mlp"},
         "mlp28-flip": {"dataset": "digits28", "model": "mlp", "augment": "flip"},
@@ -104,14 +111,22 @@ DEFAULT_CONFIG: dict[str, Any] = {
             "probe": "borderline",
             "models": ["cnn-relu"],
             "pairs": ["3-8", "4-9"],
-            "steps": 100,
+            "steps": 80,
             "batch_size": 32,
             "partners": 3,
-            "geometry_samples": 12,
+            "geometry_samples": 8,
             "examples": 3,
         },
         # Class polyhedra, convex hulls and morphing in the last hidden layer.
         {"probe": "features", "models": ["cnn-relu"]},
+        # Common corruptions: standard vs PRIME-trained CNN, mCE, DCT margin profiles.
+        {
+            "probe": "robustness",
+            "models": ["cnn-relu", "cnn-prime"],
+            "baseline": "cnn-relu",
+            "samples": 200,
+            "margin_samples": 8,
+        },
     ],
 }
 

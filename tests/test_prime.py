@@ -79,6 +79,21 @@ def test_colour_images_of_any_size_jit_eager_vmap_loop_and_zero_strength(images)
     assert np.all(shifted[-1] == 0) and np.all(shifted[:, -1] == 0)
 
 
+def test_jit_over_a_closed_over_image(images):
+    """jax.jit(lambda k: prime(k, x)) with a concrete x captured: the range check reads x
+    with NumPy (a jnp reduction of it would be a tracer under jit and fail)."""
+    from bgeom import corruptions
+
+    x = jnp.asarray(images[0][0])
+    keys = jax.random.split(KEY, 2)
+    tiny = dict(width=1, max_depth=1, primitives=("spectral",))
+    closed = jax.jit(jax.vmap(lambda k: A.prime(k, x, **tiny)))(keys)
+    passed = jax.jit(jax.vmap(lambda k, xi: A.prime(k, xi, **tiny), in_axes=(0, None)))(keys, x)
+    np.testing.assert_allclose(closed, passed, **tol(np.float32, 4))
+    noisy = jax.jit(lambda k: corruptions.apply(k, x, "gaussian_noise", 2))(KEY)
+    np.testing.assert_allclose(noisy, corruptions.apply(KEY, x, "gaussian_noise", 2), atol=1e-6)
+
+
 def test_colour_map_is_a_sine_series_of_the_intensity():
     from bgeom.augment import _sine_series
 

@@ -19,6 +19,7 @@ from bgeom.probes import (
     features,  # noqa: F401
     invariance,  # noqa: F401
     margins,  # noqa: F401
+    robustness,  # noqa: F401
     sparsity,  # noqa: F401
 )
 from bgeom.probes.base import (  # noqa: F401
