@@ -8,14 +8,18 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Test workers (pytest-xdist); CI has 2 cores. `make test TEST_WORKERS=0` runs serially.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench lint notebooks clean
+# The exact versions the tests passed with; `make upgrade` refreshes them.
+CONSTRAINTS := constraints.txt
+PIP_PINNED := -m pip install --quiet -c $(CONSTRAINTS)
+
+.PHONY: setup demo test bench lint notebooks upgrade clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) $(PIP_PINNED) -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,7 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) $(PIP_PINNED) -e ".[dev,bench]"
 	# CPU PyTorch for the PyTorch peers (the +cpu wheel where the index has one),
 	# torchattacks without its torchvision requirement (never imported).
 	$(PY) -m pip install --quiet "torch==2.13.0+cpu" || $(PY) -m pip install --quiet "torch==2.13.0"
@@ -38,6 +42,20 @@ notebooks: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bgeom tests benchmarks
+
+# The newest versions pyproject.toml allows, in a scratch venv; if the tests pass there,
+# they become the pins (and .venv is re-installed with them on the next target).
+upgrade:
+	rm -rf .venv-upgrade
+	$(PYTHON) -m venv .venv-upgrade
+	.venv-upgrade/bin/python -m pip install --quiet --upgrade pip
+	.venv-upgrade/bin/python -m pip install --quiet -e ".[dev]"
+	.venv-upgrade/bin/python -m pytest -q -n $(TEST_WORKERS)
+	head -3 $(CONSTRAINTS) > $(CONSTRAINTS).new
+	.venv-upgrade/bin/python -m pip freeze --exclude-editable | grep -v '^-e' >> $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-upgrade
+	@git diff --stat -- $(CONSTRAINTS) || true
 
 clean:
 	rm -rf runs .pytest_cache

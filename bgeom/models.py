@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -536,3 +536,185 @@ def functional(model: nnx.Module, *, features: bool = False) -> tuple[Callable, 
 def unstack(params: Any, i: int) -> Any:
     """Member ``i`` of an ensemble's stacked parameters."""
     return jax.tree.map(lambda a: a[i], params)
+
+
+# --------------------------------------------------------------------------
+# Users' own models: Flax Linen and Equinox adapters (docs/models.md).
+
+
+class _Captured(Exception):
+    """Carries the input of the named layer out of a forward pass (then abandoned)."""
+
+    def __init__(self, value: Any):
+        super().__init__("features captured")
+        self.value = value
+
+
+def _one_example(out: Any, fn_name: str) -> jax.Array:
+    if not isinstance(out, jax.Array | np.ndarray) or out.ndim < 1 or out.shape[0] != 1:
+        raise ValueError(
+            f"{fn_name}: the model must map a batch of one, (1, H, W, C), to an array with a "
+            f"leading batch axis of 1; got {getattr(out, 'shape', type(out).__name__)}."
+        )
+    return out[0]
+
+
+def from_linen(
+    module: Any,
+    variables: Any,
+    *,
+    method: str | Callable | None = None,
+    features: str | None = None,
+    **apply_kwargs: Any,
+) -> tuple[Callable, Any]:
+    """``(apply_fn, params)`` of a Flax Linen classifier, for ONE unbatched example.
+
+    ``apply_fn(params, x) == module.apply(params, x[None], method=method,
+    **apply_kwargs)[0]``: the Linen module is written for batches, the adapter
+    adds and removes the batch axis. ``params`` is the whole ``variables``
+    dict (``params`` and, e.g., ``batch_stats``), all of it traced, and
+    nothing is mutable: batch-norm statistics stay constant. Pass what puts the
+    module in evaluation mode as ``apply_kwargs`` (e.g. ``train=False`` for a
+    module whose ``BatchNorm`` takes ``use_running_average=not train``); a module
+    that still tries to update its statistics raises, saying so.
+
+    Args:
+      module: a ``flax.linen.Module`` mapping (N, H, W, C) to logits (N, L).
+      variables: its variables, as from ``module.init``.
+      method: the method to apply (name or function), as in ``Module.apply``.
+      features: the name of the LAST layer (the submodule attribute name, e.g.
+        ``"head"`` or ``"Dense_2"``): ``apply_fn`` then returns that layer's
+        input, the penultimate-layer features, flattened (the ``features_fn`` of
+        the feature-space and borderline analyses).
+      **apply_kwargs: static keyword arguments of every call (``train=False``).
+
+    Returns:
+      ``(apply_fn, params)``; ``apply_fn`` takes ``(params, x)`` with ``x`` of
+      shape (H, W, C).
+
+    References:
+      docs/models.md ("Your own model").
+    """
+    import flax.linen as nn
+
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"from_linen expects a flax.linen.Module; got {type(module).__name__}.")
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError(
+            "from_linen expects the module's variables, a dict with a 'params' entry (from "
+            "module.init(key, x)); got " + type(variables).__name__ + "."
+        )
+
+    def run(params: Any, x: jax.Array) -> jax.Array:
+        try:
+            return module.apply(params, x[None], method=method, mutable=False, **apply_kwargs)
+        except Exception as e:  # Flax's error for a write to an immutable collection
+            if "immutable" in str(e).lower() or "mutable" in type(e).__name__.lower():
+                raise ValueError(
+                    "from_linen: the module updates a variable collection (batch statistics?) "
+                    "during the forward pass; pass what puts it in evaluation mode, e.g. "
+                    "from_linen(module, variables, train=False)."
+                ) from e
+            raise
+
+    if features is None:
+
+        def apply_fn(params: Any, x: jax.Array) -> jax.Array:
+            return _one_example(run(params, x), "from_linen")
+
+        return apply_fn, variables
+
+    def capture(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.name == features:
+            raise _Captured(args[0])
+        return next_fun(*args, **kwargs)
+
+    def features_fn(params: Any, x: jax.Array) -> jax.Array:
+        try:
+            with nn.intercept_methods(capture):
+                run(params, x)
+        except _Captured as c:
+            return _one_example(c.value, "from_linen").reshape(-1)
+        raise ValueError(
+            f"from_linen: no layer named {features!r} was called in the forward pass; name "
+            "the last layer by its attribute name (e.g. 'head') or its automatic name "
+            "('Dense_2'); module.tabulate(...) lists them."
+        )
+
+    return features_fn, variables
+
+
+def from_equinox(
+    model: Any,
+    *,
+    state: Any = None,
+    features: Callable[[Any], Any] | None = None,
+) -> tuple[Callable, Any]:
+    """``(apply_fn, params)`` of an Equinox classifier of ONE unbatched example.
+
+    The model's arrays become ``params`` (traced); everything else (functions,
+    shapes, activations) is static: ``eqx.partition(model, eqx.is_array)``, and
+    ``apply_fn(params, x) == eqx.combine(params, static)(x)``. The model is put
+    in inference mode first (``eqx.nn.inference_mode``: dropout off, batch-norm
+    on its running statistics). A stateful model (``eqx.nn.State``, e.g.
+    batch-norm) is called as ``model(x, state)`` and its new state is
+    discarded; the state is part of ``params``.
+
+    Args:
+      model: an ``equinox.Module`` mapping one image (H, W, C) to logits (L,).
+      state: its ``eqx.nn.State``, for a stateful model.
+      features: a function selecting the model's LAST layer, e.g.
+        ``lambda m: m.layers[-1]``: ``apply_fn`` then returns that layer's
+        input, the penultimate-layer features, flattened (``features_fn``).
+
+    Returns:
+      ``(apply_fn, params)``.
+
+    References:
+      docs/models.md ("Your own model").
+    """
+    import equinox as eqx
+
+    if not isinstance(model, eqx.Module):
+        raise ValueError(f"from_equinox expects an equinox.Module; got {type(model).__name__}.")
+    model = eqx.nn.inference_mode(model)
+    if features is not None:
+        try:
+            last = features(model)
+        except Exception as e:
+            raise ValueError(
+                f"from_equinox: features must select the model's last layer, e.g. "
+                f"lambda m: m.layers[-1]; calling it failed: {e}"
+            ) from e
+        if not callable(last):
+            raise ValueError(
+                f"from_equinox: features selected a {type(last).__name__}, not a layer "
+                "(a callable module)."
+            )
+
+        class _Capture(eqx.Module):
+            def __call__(self, x, *args, **kwargs):
+                raise _Captured(x)
+
+        model = eqx.tree_at(features, model, _Capture())
+    params, static = eqx.partition((model, state), eqx.is_array)
+
+    def call(p: Any, x: jax.Array) -> Any:
+        m, s = eqx.combine(p, static)
+        return m(x) if s is None else m(x, s)[0]
+
+    if features is None:
+
+        def apply_fn(p: Any, x: jax.Array) -> jax.Array:
+            return call(p, x)
+
+        return apply_fn, params
+
+    def features_fn(p: Any, x: jax.Array) -> jax.Array:
+        try:
+            call(p, x)
+        except _Captured as c:
+            return jnp.asarray(c.value).reshape(-1)
+        raise ValueError("from_equinox: the selected last layer was not called by the model.")
+
+    return features_fn, params
