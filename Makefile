@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 CONSTRAINTS := constraints.txt
 PIP_PINNED := -m pip install --quiet -c $(CONSTRAINTS)
 
-.PHONY: setup demo test bench lint notebooks upgrade clean
+.PHONY: setup demo test bench lint notebooks docs upgrade clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ bench: $(STAMP)
 notebooks: $(STAMP)
 	cd notebooks && for f in *.py; do ../$(VENV)/bin/jupytext --to ipynb --execute "$$f" || exit 1; done
 
+# The documentation site (method pages, API reference from the docstrings, notebooks with
+# their outputs) into site/, strict: any warning fails. tests/test_docs.py builds it too.
+docs: $(STAMP)
+	$(PY) docs/stage.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bgeom tests benchmarks
 
@@ -58,4 +64,4 @@ upgrade:
 	@git diff --stat -- $(CONSTRAINTS) || true
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site build

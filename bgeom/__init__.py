@@ -5,8 +5,10 @@ Every analysis takes ``apply_fn(params, x)`` (logits of ONE example of shape
 """
 
 from bgeom import (
+    augment,
     borderline,
     boundary,
+    corruptions,
     curvature,
     data,
     detection,
@@ -35,6 +37,8 @@ from bgeom.sparse import SparseResult, sparsefool
 __version__ = "0.1.0"
 
 __all__ = [
+    "augment",
+    "corruptions",
     "BorderlineResult",
     "HullResult",
     "borderline",
