@@ -35,8 +35,8 @@ vmapped call of the model). Under ``vmap`` every pair runs as many halvings
 as the slowest; the work efficiency (useful / computed forward passes) says
 how much that costs.
 
-Writes ``benchmarks/results/borderline.json`` (``--out`` changes the folder);
-rewrites its section of BENCHMARKS.md only when ``--markdown`` is given.
+Writes ``benchmarks/results/borderline.json`` (``--out`` changes the folder) and
+rewrites its section of BENCHMARKS.md (``--no-markdown``: not), as every benchmark does.
 """
 
 from __future__ import annotations
@@ -407,9 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     add_output_options(parser, "borderline")
     args, _ = parser.parse_known_args(argv)
-    words = sys.argv[1:] if argv is None else argv
-    # BENCHMARKS.md changes only when asked for (--markdown [PATH]).
-    args.no_markdown = args.no_markdown or not any(w.startswith("--markdown") for w in words)
     try:
         import torch
     except ImportError:
