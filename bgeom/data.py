@@ -188,6 +188,30 @@ def synthetic(
 CORRUPTED = {"cifar10_corrupted": ("test",), "mnist_corrupted": ("train", "test")}
 
 
+def corruption_configs(benchmark: str) -> dict[str, tuple[str, ...]]:
+    """The TFDS configs of a corruption benchmark by corruption, in severity order.
+
+    ``cifar10_corrupted``: 19 corruptions, each with configs ``<name>_1`` ..
+    ``<name>_5``; ``mnist_corrupted``: 15 corruptions with one config each (its
+    ``identity`` config, the clean test set, is left out). Load one with
+    ``load(f"{benchmark}/{config}")``.
+    """
+    import tensorflow_datasets as tfds
+
+    if benchmark not in CORRUPTED:
+        raise ValueError(
+            f"Unknown corruption benchmark {benchmark!r}; choose one of {', '.join(CORRUPTED)}."
+        )
+    configs = [c.name for c in tfds.builder_cls(benchmark).BUILDER_CONFIGS]
+    out: dict[str, list[str]] = {}
+    for config in configs:
+        if benchmark == "cifar10_corrupted":
+            out.setdefault(config.rsplit("_", 1)[0], []).append(config)
+        elif config != "identity":
+            out[config] = [config]
+    return {k: tuple(sorted(v)) for k, v in out.items()}
+
+
 def _corrupted_config(name: str) -> None:
     """Check ``<benchmark>/<config>`` against the benchmark's TFDS configs."""
     import tensorflow_datasets as tfds

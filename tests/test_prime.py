@@ -12,7 +12,7 @@ from helpers import tiny_config, tol
 
 import bgeom.probes.robustness as robustness
 from bgeom import augment as A
-from bgeom import suite
+from bgeom import data, suite
 
 KEY = jax.random.PRNGKey(0)
 
@@ -272,3 +272,42 @@ def test_bad_probe_options():
     config = tiny_config({"probe": "robustness", "severities": [0]})
     with pytest.raises(ValueError, match=r"severities must be a non-empty list"):
         suite.validate_config(config)
+
+
+def test_probe_evaluates_a_prepared_tfds_benchmark(tmp_path):
+    """benchmark = cifar10_corrupted: every corruption of the benchmark at the chosen
+    severities, read through tfds (mock data here), for a model of the clean dataset."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from helpers import tiny_model
+
+    probe = {"probe": "robustness", "benchmark": "cifar10_corrupted", "severities": [1, 3],
+             "samples": 4, "margin_samples": 0}  # fmt: skip
+    config = tiny_config(
+        probe,
+        datasets={"c": {"name": "cifar10", "max_train": 16, "max_test": 8}},
+        models={"m": tiny_model("c", train={"epochs": 1, "batch_size": 8})},
+    )
+    with tfds.testing.mock_data(num_examples=8):
+        suite.run(config, tmp_path / "run", progress=False, log=lambda m: None)
+        configs = data.corruption_configs("cifar10_corrupted")
+        fog = data.load("cifar10_corrupted/fog_3", max_test=4)
+    result = json.loads((tmp_path / "run" / "results" / "robustness.json").read_text())
+    entry = result["summary"]["m"]
+    assert entry["corruptions"] == list(configs) and len(configs) == 19
+    assert "fog" in configs and configs["fog"] == tuple(f"fog_{s}" for s in range(1, 6))
+    assert entry["severities"] == [1, 3]
+    table = np.load(tmp_path / "run" / "results" / "robustness.npz")["m/accuracy"]
+    assert table.shape == (19, 2)
+    assert np.all(np.isin(table, [0.0, 0.25, 0.5, 0.75, 1.0]))  # 4 images per config
+    assert fog.x_test.shape == (4, 32, 32, 3)
+    assert any("prepared cifar10_corrupted" in n for n in result["notes"])
+    assert len(data.corruption_configs("mnist_corrupted")) == 15
+
+
+def test_benchmark_images_of_another_shape_say_what_to_do(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = tiny_config({"probe": "robustness", "benchmark": "cifar10_corrupted",
+                          "samples": 4, "margin_samples": 0})  # fmt: skip
+    with tfds.testing.mock_data(num_examples=8):
+        with pytest.raises(ValueError, match=r"models trained on the benchmark's clean dataset"):
+            suite.run(config, tmp_path / "run", progress=False, log=lambda m: None)

@@ -16,7 +16,10 @@ The corrupted images are drawn once per dataset (image i, corruption j: key
 and every model on that dataset is evaluated on the same images, as it sees
 them (``ctx.as_seen``). mCE is reported for the models on the baseline's
 dataset; with an ensemble baseline its errors are the mean over its members.
-Arrays are saved per member as ``<name>/accuracy`` (corruptions x
+With ``benchmark`` set (``cifar10_corrupted`` or ``mnist_corrupted``, prepared
+with ``bgeom prepare``) the models are evaluated on the benchmark's own
+pre-computed images instead (all of its corruptions; the ``corruptions``
+option does not apply there). Arrays are saved per member as ``<name>/accuracy`` (corruptions x
 severities), ``<name>/clean_accuracy``, and the margins along the DCT blocks,
 ``<name>/margin`` (1, samples, blocks) with ``<name>/block_starts``.
 """
@@ -33,6 +36,7 @@ import numpy as np
 
 from bgeom import augment, subspaces
 from bgeom import corruptions as corruptions_lib
+from bgeom import data as data_lib
 from bgeom.margins import subspace_deepfool
 from bgeom.probes import base
 from bgeom.probes.base import Member, ProbeOptions, ProbeOutput, SuiteContext, option
@@ -64,6 +68,14 @@ class RobustnessOptions(ProbeOptions):
         50, "most steps of a subspace margin search (no flip: an infinite margin)", ge=0
     )
     batch_size: int = option(500, "images per compiled batch", ge=1)
+    benchmark: str = option(
+        "",
+        "evaluate on a prepared TFDS corruption benchmark instead of generating the "
+        "corruptions: cifar10_corrupted (19 corruptions x the severities) or mnist_corrupted "
+        "(15 corruptions, one severity); '' generates bgeom.corruptions",
+        choices=("", "cifar10_corrupted", "mnist_corrupted"),
+    )
+    data_dir: str = option("", "TFDS data_dir of the benchmark ('': TFDS's default)")
 
 
 @base.register_probe("robustness", RobustnessOptions)
@@ -82,15 +94,21 @@ def robustness_probe(
     clean: dict[str, float] = {}
     names_of: dict[str, tuple[str, ...]] = {}
     gallery: dict[str, Any] = {}
+    severities = opts.severities
     for dataset, keys in _by_dataset(ctx, models).items():
         data = ctx.model_dataset(keys[0])
         x, y = data.x_test[: opts.samples], data.y_test[: opts.samples]
-        names = _names(x.shape[-1], opts, probe_id, dataset, out)
         members = [m for k in keys for m in ctx.members(k)]
+        if opts.benchmark:
+            names, severities, table, examples = _benchmark_accuracy(
+                ctx, members, data.shape, opts, probe_id, dataset, out
+            )
+        else:
+            names = _names(x.shape[-1], opts, probe_id, dataset, out)
+            table, examples = _corrupted_accuracy(ctx, members, x, y, names, opts)
         for m in members:
             clean[m.name] = float(np.mean(_predict(ctx, m, x, opts) == y))
             names_of[m.name] = names
-        table, examples = _corrupted_accuracy(ctx, members, x, y, names, opts)
         accuracy.update(table)
         if not gallery:  # the figures show the first dataset's first test image
             gallery = {"x": x[0], "names": names, "examples": examples}
@@ -102,7 +120,7 @@ def robustness_probe(
     for m in ctx.all_members(models):
         out.arrays[f"{m.name}/accuracy"] = accuracy[m.name]
         out.arrays[f"{m.name}/clean_accuracy"] = np.asarray(clean[m.name])
-        entry = _entry(accuracy[m.name], clean[m.name], names_of[m.name], opts.severities)
+        entry = _entry(accuracy[m.name], clean[m.name], names_of[m.name], severities)
         if ctx.config["models"][m.model]["dataset"] == base_data:
             entry.update(corruption_errors(accuracy[m.name], clean[m.name], base_table, base_clean))
         else:
@@ -112,11 +130,11 @@ def robustness_probe(
         out.summary[m.name] = entry
     out.notes += _relative_ce_notes(names_of[base_members[0].name], base_table, base_clean)
     out.figures = {
-        "heatmap": plot_accuracy_heatmaps(accuracy, clean, names_of, opts.severities),
+        "heatmap": plot_accuracy_heatmaps(accuracy, clean, names_of, severities),
         "bars": plot_corruption_bars(accuracy, clean, names_of),
         "primitives": plot_primitives(gallery["x"], opts.seed),
         "corruptions": plot_corruption_examples(
-            gallery["x"], gallery["examples"], gallery["names"], opts.severities
+            gallery["x"], gallery["examples"], gallery["names"], severities
         ),
     }
     if profiles:
@@ -149,6 +167,54 @@ def _names(
             f"these have {channels} channel(s))."
         )
     return names
+
+
+def _benchmark_accuracy(
+    ctx: SuiteContext,
+    members: list[Member],
+    shape: tuple[int, ...],
+    opts: RobustnessOptions,
+    probe_id: str,
+    dataset: str,
+    out: ProbeOutput,
+) -> tuple[tuple[str, ...], tuple[int, ...], dict[str, np.ndarray], np.ndarray]:
+    """Accuracy of every member on a prepared TFDS corruption benchmark: the first
+    ``samples`` test images of each corruption's config at each severity (the
+    benchmark's labels). Returns the corruption names, the severities, the tables
+    (corruptions x severities) and the first image of each config."""
+    configs = data_lib.corruption_configs(opts.benchmark)
+    if opts.benchmark == "cifar10_corrupted":
+        severities = tuple(opts.severities)
+        picked = {n: tuple(c[s - 1] for s in severities) for n, c in configs.items()}
+    else:
+        severities = (1,)
+        picked = dict(configs)
+        if tuple(opts.severities) != (1, 2, 3, 4, 5):
+            out.notes.append("mnist_corrupted has one severity per corruption; severities ignored.")
+    names = tuple(picked)
+    correct = {m.name: np.zeros((len(names), len(severities))) for m in members}
+    examples = np.zeros((len(names), len(severities), *shape), np.float32)
+    for i, name in enumerate(names):
+        for j, config in enumerate(picked[name]):
+            bench = data_lib.load(
+                f"{opts.benchmark}/{config}", data_dir=opts.data_dir or None, max_test=opts.samples
+            )
+            if bench.shape != tuple(shape):
+                raise ValueError(
+                    f"probe {probe_id} (robustness): {opts.benchmark} images have shape "
+                    f"{bench.shape}, but the models of {dataset} take {tuple(shape)}; evaluate "
+                    "models trained on the benchmark's clean dataset (cifar10 / mnist)."
+                )
+            examples[i, j] = bench.x_test[0]
+            for m in members:
+                pred = _predict(ctx, m, bench.x_test, opts)
+                correct[m.name][i, j] = np.mean(pred == bench.y_test)
+    out.notes.append(
+        f"dataset {dataset}: evaluated on the prepared {opts.benchmark} benchmark "
+        f"({len(names)} corruptions x {len(severities)} severities; the first {opts.samples} "
+        "test images of each), not on generated corruptions."
+    )
+    return names, severities, correct, examples
 
 
 def image_keys(seed: int, n: int) -> jax.Array:
