@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/bgeom suite --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(STAMP)
 	$(PY) $(PIP_PINNED) -e ".[dev,bench]"

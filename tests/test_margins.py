@@ -31,7 +31,7 @@ def test_affine_margin_is_closed_form(num_classes, candidates):
     np.testing.assert_allclose(float(cos), 1.0, **tol(jnp.float32, 4))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     num_classes=st.integers(2, 12),
