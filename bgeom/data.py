@@ -219,7 +219,7 @@ def _corrupted_config(name: str) -> None:
     base, _, config = name.partition("/")
     configs = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS]
     if base == "cifar10_corrupted":
-        kinds = sorted({c.rsplit("_", 1)[0] for c in configs})
+        kinds = sorted(corruption_configs(base))
         valid = f"<corruption>_<severity>, severity 1-5 and corruption one of {', '.join(kinds)}"
         example = "cifar10_corrupted/gaussian_noise_3"
     else:

@@ -704,11 +704,7 @@ def from_equinox(
         return m(x) if s is None else m(x, s)[0]
 
     if features is None:
-
-        def apply_fn(p: Any, x: jax.Array) -> jax.Array:
-            return call(p, x)
-
-        return apply_fn, params
+        return call, params
 
     def features_fn(p: Any, x: jax.Array) -> jax.Array:
         try:

@@ -19,9 +19,10 @@ dataset; with an ensemble baseline its errors are the mean over its members.
 With ``benchmark`` set (``cifar10_corrupted`` or ``mnist_corrupted``, prepared
 with ``bgeom prepare``) the models are evaluated on the benchmark's own
 pre-computed images instead (all of its corruptions; the ``corruptions``
-option does not apply there). Arrays are saved per member as ``<name>/accuracy`` (corruptions x
-severities), ``<name>/clean_accuracy``, and the margins along the DCT blocks,
-``<name>/margin`` (1, samples, blocks) with ``<name>/block_starts``.
+option does not apply there). Arrays are saved per member as
+``<name>/accuracy`` (corruptions x severities), ``<name>/clean_accuracy``, and
+the margins along the DCT blocks, ``<name>/margin`` (1, samples, blocks) with
+``<name>/block_starts``.
 """
 
 from __future__ import annotations
