@@ -32,10 +32,13 @@ shared linearisation) times the top-level cost of one subspace step per pair,
 plus each image's shared first linearisation, plus every pair's first step
 from that linearisation: each measured as ONE jitted, vmapped call at the top
 level (a batch of 256 pairs doing one step: forward pass, the candidates'
-gradient differences by one batched VJP, their DCT projections, the step and
-the forward pass at the new point; all images doing a forward pass and the
-batched VJP; 256 pairs projecting their image's shared gradients, stepping
-and doing the forward pass at the new point), divided by its batch.
+gradient differences by one batched VJP, their DCTs, the block's masked
+coefficients, the step with one inverse DCT and the forward pass at the new
+point; all images doing a forward pass, the batched VJP and the DCTs; 256
+pairs masking their image's shared coefficients, stepping and doing the
+forward pass at the new point), divided by its batch. The projections are
+counted at their cheapest known cost (one DCT per gradient, one inverse DCT
+per step), the way bgeom computes them.
 
 ``--gpu``: where JAX sees a GPU, bgeom's call and its floor are timed there as
 well; the reference stays on the CPU. No eager-JAX loop is timed: per-op
@@ -192,17 +195,20 @@ def measure_floor(apply_fn, params, x, blocks, repeats: int) -> dict[str, Any]:
         return onehots[1:] - onehots[0]
 
     def linearise(p, xi, cot):
+        # Forward pass, the candidates' gradients by one batched VJP, and their
+        # DCTs (what every block of the image shares).
         logits, vjp = jax.vjp(lambda z: apply_fn(p, z), xi)
         (w,) = jax.vmap(vjp)(cot)
-        return cot @ logits, w
+        return cot @ logits, jax.vmap(blocks.analyse)(w)
 
-    def advance(p, xi, g, w, subspace):
-        # Given a linearisation: project, step, and the label at the new point.
-        w = jax.vmap(subspace.project)(w)
-        norm = jnp.sqrt(jnp.sum(jnp.square(w.reshape(w.shape[0], -1)), axis=1))
+    def advance(p, xi, g, t, subspace):
+        # Given an analysed linearisation: the block's coordinates, the step
+        # (one inverse DCT) and the label at the new point.
+        c = jax.vmap(subspace.coordinates)(t)
+        norm = jnp.sqrt(jnp.sum(jnp.square(c.reshape(c.shape[0], -1)), axis=1))
         pert = jnp.abs(g) / norm
         best = jnp.argmin(pert)
-        r = (pert[best] + 1e-4) * w[best] / norm[best]
+        r = subspace.synthesise((pert[best] + 1e-4) * c[best] / norm[best])
         label = jnp.argmax(apply_fn(p, xi + (1.0 + SEARCH["overshoot"]) * r))
         return label, r
 
@@ -502,8 +508,9 @@ def render(results: dict[str, Any]) -> str:
             "along all 21 diagonal 8x8 DCT blocks; models trained here (5 epochs of Adam, "
             "`benchmarks/_models.py`).",
             "- **bgeom:** one call `bgeom.subspace_margins(apply_fn, params, x, "
-            "dct_blocks((28, 28, 1), 8, 1))`: each image's first linearisation is shared by "
-            "its 21 blocks, the rest runs through `bgeom.engine` (top-level jitted steps, "
+            "dct_blocks((28, 28, 1), 8, 1))`: each image's first linearisation and the DCTs "
+            "of its gradients are shared by its 21 blocks, every step synthesises only the "
+            "step it takes (one inverse DCT), the rest runs through `bgeom.engine` (top-level jitted steps, "
             f"finished pairs leave the batch); median of {cfg['repeats']} calls after the first "
             "(compiling) one. Also timed on exactly the reference's pairs.",
             "- **Reference style (the peer):** CPU PyTorch on a copy of the weights whose "
@@ -519,11 +526,12 @@ def render(results: dict[str, Any]) -> str:
             "their iterations minus the first, which starts from the shared linearisation) x "
             "the top-level cost of one subspace step per pair (one jitted, vmapped call on the "
             "probe pairs, 256 or all when fewer: forward pass, the candidates' gradient "
-            "differences by one batched VJP, their DCT projections, the step, the forward pass "
-            "at the new point; / the probe pairs), plus the images x one first linearisation "
-            "per image (forward pass and batched VJP, one call on all images), plus the pairs "
-            "x the first step of a pair from that shared linearisation (its projections, the "
-            "step, the forward pass at the new point; one call on the probe pairs). The last "
+            "differences by one batched VJP, their DCTs, the block's masked coefficients, the "
+            "step with one inverse DCT, the forward pass at the new point; / the probe pairs), "
+            "plus the images x one first linearisation per image (forward pass, batched VJP, "
+            "the DCTs; one call on all images), plus the pairs x the first step of a pair from "
+            "that shared linearisation (its masked coefficients, the step, the forward pass at "
+            "the new point; one call on the probe pairs). The last "
             "term is work every pair does; where most "
             "searches end after one step (the tanh MLP) it is most of the floor. Medians of "
             f"{cfg['floor_repeats']} calls; the JSON also holds the floor without it.",

@@ -282,8 +282,11 @@ def deepfool_iterative(apply_fn: Callable, projected: bool = False) -> engine.It
         )
 
     def step(c: Shared, s: DeepFoolState) -> DeepFoolState:
-        project = s.subspace.project if projected else None
-        return deepfool_advance(apply_fn, c, s, linearise_state(apply_fn, c, s, project))
+        if not projected:
+            return deepfool_advance(apply_fn, c, s, linearise_state(apply_fn, c, s))
+        coordinates = lambda w: s.subspace.coordinates(s.subspace.analyse(w))
+        lin = linearise_state(apply_fn, c, s, coordinates)
+        return deepfool_advance(apply_fn, c, s, lin, s.subspace.synthesise)
 
     def running(c: Shared, s: DeepFoolState) -> jax.Array:
         return (s.iterations < c.options.max_iter) & (s.label == s.k0) & s.ok
@@ -313,20 +316,29 @@ def linearise_state(
 
 
 def deepfool_advance(
-    apply_fn: Callable, c: Shared, s: DeepFoolState, lin: Linearisation
+    apply_fn: Callable,
+    c: Shared,
+    s: DeepFoolState,
+    lin: Linearisation,
+    synthesise: Callable | None = None,
 ) -> DeepFoolState:
-    """One DeepFool step from state ``s`` given its (projected) linearisation ``lin``."""
+    """One DeepFool step from state ``s`` given its linearisation ``lin``.
+
+    With a subspace, ``lin.w`` holds the gradients' coordinates in it (their
+    norms are the projections' norms) and ``synthesise`` maps the chosen
+    step's coordinates back to an image: one inverse transform per step rather
+    than one per candidate.
+    """
     f = lambda z: apply_fn(c.params, z)
     w_norm = flat_norm(lin.w)
     pert = jnp.where(w_norm > 0, jnp.abs(lin.g) / jnp.where(w_norm > 0, w_norm, 1.0), jnp.inf)
     best = jnp.argmin(pert)
     finite = jnp.all(jnp.isfinite(lin.logits)) & jnp.all(jnp.isfinite(lin.w))
     ok = jnp.isfinite(pert[best]) & jnp.all(jnp.isfinite(lin.logits))
-    r = jnp.where(
-        ok,
-        s.r + step_to_hyperplane(lin.g[best], lin.w[best], jnp.where(ok, w_norm[best], 1.0)),
-        s.r,
-    )
+    dr = step_to_hyperplane(lin.g[best], lin.w[best], jnp.where(ok, w_norm[best], 1.0))
+    if synthesise is not None:
+        dr = synthesise(dr)
+    r = jnp.where(ok, s.r + dr, s.r)
     label = jnp.argmax(f(_overshot_point(s.x, r, c.options)))
     return s._replace(
         iterations=s.iterations + 1,

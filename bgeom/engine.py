@@ -13,7 +13,7 @@ functions over a whole batch from the host:
 - compaction: an example leaves its slot as soon as it finishes and a waiting
   one takes it, so no example pays for the slowest one (under
   ``jit(vmap(loop))`` every example runs as many steps as the slowest);
-- when no example is waiting, the slots shrink (by factors of 4, down to 8),
+- when no example is waiting, the slots shrink (by halves, down to 8),
   so the tail does not run on a mostly empty batch;
 - memory is bounded by ``batch_size`` slots.
 
@@ -82,16 +82,16 @@ class EngineStats(NamedTuple):
     seconds: float
 
 
-# Slot counts are ``top / 4^k``, none below this: few shapes to compile (each
+# Slot counts are ``top / 2^k``, none below this: few shapes to compile (each
 # costs a compilation of every piece), and a tail never runs on a mostly empty batch.
 _SMALLEST = 8
 
 
 def _bucket(n: int, top: int) -> int:
-    """The smallest of ``top, top / 4, top / 16, ...`` (down to 8) that holds ``n``."""
+    """The smallest of ``top, top / 2, top / 4, ...`` (down to 8) that holds ``n``."""
     size = top
-    while size % 4 == 0 and size // 4 >= max(n, _SMALLEST):
-        size //= 4
+    while size % 2 == 0 and size // 2 >= max(n, _SMALLEST):
+        size //= 2
     return size
 
 
@@ -104,8 +104,9 @@ def _compiled(it: Iterative, what: str) -> Callable:
     """The jitted, vmapped pieces of ``it`` (compiled once per shape)."""
     running = jax.vmap(it.running, in_axes=(None, 0))
     if what == "init":
-
-        def init(consts, *example):
+        # ``rows`` picks the examples to start out of the whole (device) arrays.
+        def init(consts, rows, *examples):
+            example = [_tree_rows(e, rows) for e in examples]
             states = jax.vmap(it.init, in_axes=(None,) + (0,) * len(example))(consts, *example)
             return states, running(consts, states)
 
@@ -187,8 +188,7 @@ class _Run:
         ids = np.arange(self.waiting, self.waiting + count)
         self.waiting += count
         rows = _padded(ids, _bucket(count, self.top))
-        example = [jax.tree.map(lambda a: a[rows], e) for e in self.examples]
-        states, running = _compiled(self.it, "init")(self.consts, *example)
+        states, running = _compiled(self.it, "init")(self.consts, rows, *self.examples)
         running = np.asarray(running)[:count]
         idle = np.flatnonzero(~running)
         if idle.size:  # e.g. max_iter = 0, or already where the search goes
@@ -283,6 +283,7 @@ def run(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
     top = 1 << (int(batch_size).bit_length() - 1)
+    examples = jax.tree.map(jnp.asarray, examples)  # on the device once, gathered there
     state = _Run(it, consts, examples, n, top)
     from tqdm.auto import tqdm
 

@@ -194,8 +194,10 @@ def subspace_margins(
     ``subspace_deepfool`` for every (example, subspace) pair, e.g. a whole
     margin-by-frequency profile: ``subspace_margins(f, p, xs, dct_blocks(...))``.
     The first linearisation of an example (a forward pass and the candidates'
-    gradients at ``x``, usually most of the work) is computed once and
-    projected onto each of its M subspaces; the rest of the searches run
+    gradients at ``x``, usually most of the work) is computed once and its
+    gradients analysed once (``analyse``: the DCT for DCT masks); each of its M
+    subspaces reads its coordinates from them, and every search synthesises
+    only the step it takes. The rest of the searches run
     through ``bgeom.engine`` (top-level jitted steps, finished pairs leave the
     batch at once). Equals ``jax.vmap`` of ``subspace_deepfool`` over both
     axes up to float rounding.
@@ -248,7 +250,7 @@ class _Tables(NamedTuple):
     options: boundary.DeepFoolOptions
     subspaces: Any  # the stack
     start: boundary.DeepFoolState  # every image's initial state (no subspace yet)
-    first: boundary.Linearisation  # every image's first linearisation, unprojected
+    first: boundary.Linearisation  # every image's first linearisation, gradients analysed
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
@@ -257,7 +259,7 @@ def _first_steps(apply_fn, params, xs, options, subspaces) -> _Tables:
     c = boundary.Shared(params, options)
     it = boundary.deepfool_iterative(apply_fn, True)
     start = jax.vmap(lambda x: it.init(c, x, None))(xs)
-    first = jax.vmap(lambda s: boundary.linearise_state(apply_fn, c, s))(start)
+    first = jax.vmap(lambda s: boundary.linearise_state(apply_fn, c, s, subspaces.analyse))(start)
     return _Tables(params, options, subspaces, start, first)
 
 
@@ -272,8 +274,8 @@ def _pair_iterative(apply_fn: Callable) -> engine.Iterative:
         if c.options.max_iter == 0:
             return s
         first = jax.tree.map(lambda a: a[image], c.first)
-        first = first._replace(w=jax.vmap(subspace.project)(first.w))
-        return boundary.deepfool_advance(apply_fn, c, s, first)
+        first = first._replace(w=jax.vmap(subspace.coordinates)(first.w))
+        return boundary.deepfool_advance(apply_fn, c, s, first, subspace.synthesise)
 
     def finish(c: _Tables, s: boundary.DeepFoolState) -> MarginResult:
         return _result(base.finish(c, s))

@@ -1,7 +1,12 @@
 """Subspaces of image space, never materialised as D x d bases when image-sized.
 
 A subspace is a pytree with a ``project(g)`` method (orthogonal projection of
-one image-shaped array onto it). Two kinds:
+one image-shaped array onto it), in three parts: ``analyse(g)`` (what every
+subspace of the kind shares: the DCT, or nothing), ``coordinates(t)`` (the
+subspace's coordinates, whose norm is ``||P_S g||``) and ``synthesise(c)``
+(back to an image). Searches work in coordinates and synthesise only the step
+they take; ``subspace_margins`` analyses each gradient once for all its
+subspaces. Two kinds:
 
 - ``MaskSubspace``: a 0/1 mask on the grid of 2-D orthonormal DCT-II
   coefficients, the same in every channel. ``P_S g = IDCT2(M * DCT2(g))`` per
@@ -149,7 +154,28 @@ class MaskSubspace(_Stackable):
 
     def project(self, g: jax.Array) -> jax.Array:
         """Orthogonal projection of one image-shaped ``g`` onto the subspace."""
-        return idct2(self.mask[..., None].astype(g.dtype) * dct2(g))
+        return self.synthesise(self.coordinates(self.analyse(g)))
+
+    @staticmethod
+    def analyse(g: jax.Array) -> jax.Array:
+        """The part of the projection every mask shares: ``dct2(g)``.
+
+        ``project(g) == synthesise(coordinates(analyse(g)))``; a search that
+        projects one gradient onto many subspaces analyses it once.
+        """
+        return dct2(g)
+
+    def coordinates(self, t: jax.Array) -> jax.Array:
+        """The subspace's coordinates of an analysed ``t``: its masked DCT coefficients.
+
+        Their norm is ``||P_S g||`` (the DCT is orthonormal).
+        """
+        return self.mask[..., None].astype(t.dtype) * t
+
+    @staticmethod
+    def synthesise(c: jax.Array) -> jax.Array:
+        """The image with coordinates ``c`` (``idct2``); linear."""
+        return idct2(c)
 
     def norm_of_projection(self, g: jax.Array) -> jax.Array:
         """``||P_S g||`` without the inverse transform (the DCT is orthonormal)."""
@@ -187,8 +213,20 @@ class BasisSubspace(_Stackable):
 
     def project(self, g: jax.Array) -> jax.Array:
         """Orthogonal projection ``B^T B g`` of one image-shaped ``g``."""
-        coeffs = jnp.tensordot(self.basis, g, axes=3)
-        return jnp.tensordot(coeffs, self.basis, axes=1)
+        return self.synthesise(self.coordinates(self.analyse(g)))
+
+    @staticmethod
+    def analyse(g: jax.Array) -> jax.Array:
+        """The part of the projection every basis shares: none (``g`` itself)."""
+        return g
+
+    def coordinates(self, t: jax.Array) -> jax.Array:
+        """``B t``: the coefficients of ``t`` in the orthonormal basis (norm ``||P_S t||``)."""
+        return jnp.tensordot(self.basis, t, axes=3)
+
+    def synthesise(self, c: jax.Array) -> jax.Array:
+        """``B^T c``: the image with coefficients ``c``; linear."""
+        return jnp.tensordot(c, self.basis, axes=1)
 
     def norm_of_projection(self, g: jax.Array) -> jax.Array:
         """``||P_S g|| = ||B g||`` (orthonormal rows)."""

@@ -58,6 +58,18 @@ def test_block_projection_matches_dense_dct_basis(which):
         np.linalg.norm(P @ g.ravel()),
         **tol(jnp.float32, 4),
     )
+    _check_coordinates(blocks[which], g, P)
+
+
+def _check_coordinates(sub, g, P):
+    """The coordinates' norm is the projection's; synthesise is linear and lands in S."""
+    c = sub.coordinates(sub.analyse(jnp.asarray(g, jnp.float32)))
+    np.testing.assert_allclose(
+        float(jnp.linalg.norm(c)), np.linalg.norm(P @ g.ravel()), **tol(jnp.float32, 4)
+    )
+    img = np.asarray(sub.synthesise(2.5 * c), np.float64).ravel()
+    np.testing.assert_allclose(img, 2.5 * (P @ g.ravel()), **tol(jnp.float32, 4))
+    np.testing.assert_allclose(P @ img, img, **tol(jnp.float32, 4))
 
 
 def test_complementary_masks_sum_to_identity_and_project():
@@ -114,6 +126,7 @@ def test_random_and_custom_bases_are_orthonormal_projections():
     np.testing.assert_allclose(
         np.asarray(rs[1].project(g)).ravel(), B.T @ (B @ np.asarray(g).ravel()), atol=1e-5
     )
+    _check_coordinates(rs[1], np.asarray(g, np.float64), B.T @ B)
     custom = S.from_basis(rs[1].basis)
     np.testing.assert_allclose(custom.project(g), rs[1].project(g), **tol(jnp.float32, 4))
 
