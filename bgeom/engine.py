@@ -165,7 +165,11 @@ class _Run:
         self.slots = _Slots(0)
         self.results: Any = None
         self.waiting = 0  # the next example to start
-        self.steps = self.computed = self.calls = 0
+        # Started examples still running that no slot has taken yet: their
+        # states, and per row the example (-1: placed, finished or padding).
+        self.pending: Any = None
+        self.pending_ids = np.zeros(0, np.int64)
+        self.steps = self.computed = self.calls = self.finished = 0
 
     # -- results
     def _store(self, rows: np.ndarray, ids: np.ndarray, steps: np.ndarray, states: Any) -> None:
@@ -177,6 +181,7 @@ class _Run:
             self.results = jax.tree.map(lambda a: np.empty((self.n, *a.shape[1:]), a.dtype), out)
         jax.tree.map(lambda dst, src: dst.__setitem__(ids, src), self.results, out)
         self.steps += int(np.sum(steps))
+        self.finished += len(rows)
 
     # -- starting examples
     def _start(self, count: int) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -196,31 +201,48 @@ class _Run:
         return states, running, ids
 
     def fill(self) -> None:
-        """Give free slots to waiting examples (the first call creates the slots)."""
+        """Give free slots to started or waiting examples (the first call creates the slots).
+
+        Examples start a whole bucket (``top``) at a time, however few slots
+        are free: searches that finish at ``init`` (most of ``subspace_margins``'
+        pairs) then cost one call per bucket, and running ones wait, started,
+        in ``pending`` until slots free up.
+        """
         if self.states is None:
             size = _bucket(self.n, self.top)
             self.states, running, ids = self._start(min(size, self.n))
             self.slots = _Slots(size)
             self.slots.example[: len(ids)] = np.where(running, ids, -1)
-        while self.waiting < self.n:
+        while True:
             free = np.flatnonzero(~self.slots.busy())
-            count = min(free.size, self.n - self.waiting)
-            if count == 0:
+            if free.size == 0:
                 return
-            new, running, ids = self._start(count)
-            keep = np.flatnonzero(running)
-            if keep.size:
-                target = np.full(len(jax.tree.leaves(new)[0]), self.slots.size)  # dropped
-                target[keep] = free[: keep.size]
-                self.states = _compiled(self.it, "place")(self.states, new, target)
-                self.slots.example[free[: keep.size]] = ids[keep]
-                self.slots.steps[free[: keep.size]] = 0
+            if not self.has_pending():
+                if self.waiting >= self.n:
+                    return
+                self.pending, running, ids = self._start(min(self.top, self.n - self.waiting))
+                self.pending_ids = np.full(len(jax.tree.leaves(self.pending)[0]), -1)
+                self.pending_ids[: len(ids)] = np.where(running, ids, -1)
+                continue
+            rows = np.flatnonzero(self.pending_ids >= 0)[: free.size]
+            target = np.full(len(self.pending_ids), self.slots.size)  # dropped
+            target[rows] = free[: rows.size]
+            self.states = _compiled(self.it, "place")(self.states, self.pending, target)
+            self.slots.example[free[: rows.size]] = self.pending_ids[rows]
+            self.slots.steps[free[: rows.size]] = 0
+            self.pending_ids[rows] = -1
+
+    def has_pending(self) -> bool:
+        return bool((self.pending_ids >= 0).any())
+
+    def nobody_waiting(self) -> bool:
+        return self.waiting >= self.n and not self.has_pending()
 
     def shrink(self) -> None:
         """With nobody waiting, move the busy slots into the smallest bucket that holds them."""
         busy = np.flatnonzero(self.slots.busy())
         size = _bucket(busy.size, self.top)
-        if self.waiting < self.n or size >= self.slots.size or not busy.size:
+        if not self.nobody_waiting() or size >= self.slots.size or not busy.size:
             return
         self.states = _compiled(self.it, "take")(self.states, _padded(busy, size))
         old = self.slots
@@ -241,7 +263,7 @@ class _Run:
             self.slots.example[done] = -1
 
     def busy(self) -> bool:
-        return bool(self.slots.busy().any()) or self.waiting < self.n
+        return bool(self.slots.busy().any()) or not self.nobody_waiting()
 
 
 def _leading(examples: tuple) -> int:
@@ -293,7 +315,7 @@ def run(
             state.shrink()
             if state.slots.busy().any():
                 state.step()
-            bar.update(state.waiting - int(state.slots.busy().sum()) - bar.n)
+            bar.update(state.finished - bar.n)
     stats = EngineStats(
         examples=n,
         steps=state.steps,

@@ -47,6 +47,18 @@ def test_every_example_runs_exactly_its_own_steps():
     np.testing.assert_array_equal(np.asarray(ref[0]), done)
 
 
+def test_examples_finished_at_init_leave_running_ones_pending_not_lost():
+    # Like subspace_margins' pairs: most searches end at init, a few run on.
+    # Whole buckets start at once; running ones wait, started, for free slots.
+    rng = np.random.default_rng(1)
+    n = np.where(rng.random(500) < 0.9, 0, rng.integers(1, 6, 500)).astype(np.int32)
+    (done, total), stats = engine.run(COUNTDOWN, jnp.float32(2.0), n, batch_size=16)
+    np.testing.assert_array_equal(done, n)
+    np.testing.assert_allclose(total, 2.0 * n)
+    assert stats.steps == n.sum() and stats.examples == 500
+    assert stats.work_efficiency >= 0.6
+
+
 @pytest.fixture(scope="module")
 def smooth_mlp():
     model = models.create("mlp", (6, 6, 1), 4, hidden=(32,), activation="softplus", beta=4.0)
