@@ -665,7 +665,7 @@ def _scale_lines(results: dict[str, Any]) -> list[str]:
     return [
         "",
         f"**At scale** (`--scale {results['config']['scale']}`): the two bgeom rows on the "
-        "first that many images, so that finished images hand their slots (256) to waiting "
+        "first that many images, so that finished images hand their slots to waiting "
         "ones, against the same per-image floor as above. The peers are not rerun: "
         "torchattacks' cost per image does not depend on the count, and foolbox's lock-step "
         "batch only wastes more as its slowest image takes more steps.",

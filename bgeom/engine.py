@@ -85,6 +85,22 @@ class EngineStats(NamedTuple):
 # Slot counts are ``top / 2^k``, none below this: few shapes to compile (each
 # costs a compilation of every piece), and a tail never runs on a mostly empty batch.
 _SMALLEST = 8
+# Examples are started (``init``) at least this many at a time, whatever the
+# slot count: starting is one cheap call per chunk.
+_START = 256
+
+
+def default_batch_size() -> int:
+    """Slots ``run`` keeps when not told: 64 on a CPU, 256 on an accelerator.
+
+    On a CPU the step of a wide batch of conv-net gradients overflows the
+    caches: DeepFool on 256 digits took 8.4 s with 32 slots and 11.6 s with
+    256 for a plain-JAX CNN, 0.75 s with 64 and 0.86 s with 256 for LeNet,
+    and 0.063 s with 64 and 0.060 s with 256 for a tanh MLP (benchmarks/
+    bench_deepfool.py models, 2-core CPU). 256 on an accelerator is the
+    earlier default, not a measured optimum.
+    """
+    return 64 if jax.default_backend() == "cpu" else 256
 
 
 def _bucket(n: int, top: int) -> int:
@@ -160,7 +176,9 @@ class _Run:
 
     def __init__(self, it: Iterative, consts: Any, examples: tuple, n: int, batch_size: int):
         self.it, self.consts, self.examples, self.n = it, consts, examples, n
-        self.top = min(batch_size, 1 << max(0, n - 1).bit_length())
+        whole = 1 << max(0, n - 1).bit_length()
+        self.top = min(batch_size, whole)  # slots
+        self.chunk = max(self.top, min(_START, whole))  # examples started at once
         self.states: Any = None
         self.slots = _Slots(0)
         self.results: Any = None
@@ -174,7 +192,7 @@ class _Run:
     # -- results
     def _store(self, rows: np.ndarray, ids: np.ndarray, steps: np.ndarray, states: Any) -> None:
         """Finish the states at ``rows`` (of ``states``) as examples ``ids``."""
-        size = _bucket(len(rows), self.top)
+        size = _bucket(len(rows), self.chunk)
         out = _compiled(self.it, "finish")(self.consts, states, _padded(rows, size))
         out = jax.tree.map(lambda a: np.asarray(a)[: len(rows)], out)
         if self.results is None:
@@ -184,15 +202,16 @@ class _Run:
         self.finished += len(rows)
 
     # -- starting examples
-    def _start(self, count: int) -> tuple[Any, np.ndarray, np.ndarray]:
+    def _start(self, count: int, rows: int | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
         """Initialise the next ``count`` examples; finish those that need no step.
 
-        Returns the new states (a bucket of at least ``count`` rows), which of
-        the first ``count`` rows are running, and their example ids.
+        Returns the new states (``rows`` rows, default a chunk bucket of at
+        least ``count``), which of the first ``count`` rows are running, and
+        their example ids.
         """
         ids = np.arange(self.waiting, self.waiting + count)
         self.waiting += count
-        rows = _padded(ids, _bucket(count, self.top))
+        rows = _padded(ids, rows or _bucket(count, self.chunk))
         states, running = _compiled(self.it, "init")(self.consts, rows, *self.examples)
         running = np.asarray(running)[:count]
         idle = np.flatnonzero(~running)
@@ -203,14 +222,14 @@ class _Run:
     def fill(self) -> None:
         """Give free slots to started or waiting examples (the first call creates the slots).
 
-        Examples start a whole bucket (``top``) at a time, however few slots
-        are free: searches that finish at ``init`` (most of ``subspace_margins``'
-        pairs) then cost one call per bucket, and running ones wait, started,
-        in ``pending`` until slots free up.
+        Examples start a chunk (at least 256, or the slots) at a time, however
+        few slots are free: searches that finish at ``init`` (most of
+        ``subspace_margins``' pairs) then cost one call per chunk, and running
+        ones wait, started, in ``pending`` until slots free up.
         """
         if self.states is None:
             size = _bucket(self.n, self.top)
-            self.states, running, ids = self._start(min(size, self.n))
+            self.states, running, ids = self._start(min(size, self.n), rows=size)
             self.slots = _Slots(size)
             self.slots.example[: len(ids)] = np.where(running, ids, -1)
         while True:
@@ -220,7 +239,7 @@ class _Run:
             if not self.has_pending():
                 if self.waiting >= self.n:
                     return
-                self.pending, running, ids = self._start(min(self.top, self.n - self.waiting))
+                self.pending, running, ids = self._start(min(self.chunk, self.n - self.waiting))
                 self.pending_ids = np.full(len(jax.tree.leaves(self.pending)[0]), -1)
                 self.pending_ids[: len(ids)] = np.where(running, ids, -1)
                 continue
@@ -280,7 +299,7 @@ def run(
     it: Iterative,
     consts: Any,
     *examples: Any,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     progress: bool = False,
     desc: str = "",
 ) -> tuple[Any, EngineStats]:
@@ -292,7 +311,8 @@ def run(
       *examples: per-example arrays (or pytrees of arrays) with a common
         leading axis ``n``.
       batch_size: the most slots (examples in flight); rounded down to a power
-        of two.
+        of two. ``None``: ``default_batch_size()`` (64 on a CPU, 256 on an
+        accelerator).
       progress: show a progress bar of finished examples.
       desc: its label.
 
@@ -302,6 +322,8 @@ def run(
     """
     started = time.perf_counter()
     n = _leading(examples)
+    if batch_size is None:
+        batch_size = default_batch_size()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
     top = 1 << (int(batch_size).bit_length() - 1)
@@ -355,7 +377,8 @@ def batched(fn: Callable) -> Callable:
     up to float rounding, as NumPy arrays, but every step runs at the top level
     of a jitted program and finished examples leave the batch at once. Extra
     per-example arguments (``targeted_deepfool``'s targets) are batched like
-    ``xs``. Keywords ``batch_size`` (default 256), ``progress``, ``desc`` and
+    ``xs``. Keywords ``batch_size`` (default ``default_batch_size()``: 64 on a
+    CPU, 256 on an accelerator), ``progress``, ``desc`` and
     ``return_stats`` (also return ``EngineStats``) control the driver.
 
     Args:
@@ -380,7 +403,7 @@ def batched(fn: Callable) -> Callable:
         params: Any,
         xs: Any,
         *args: Any,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         progress: bool = False,
         desc: str = "",
         return_stats: bool = False,

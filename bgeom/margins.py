@@ -185,7 +185,7 @@ def subspace_margins(
     overshoot: float = 0.02,
     max_iter: int = 100,
     bounds: tuple[float, float] | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     progress: bool = False,
     desc: str = "subspace margins",
 ) -> MarginResult:
@@ -206,7 +206,8 @@ def subspace_margins(
       xs: a batch ``(N, H, W, C)``.
       subspaces: a stack of M subspaces (e.g. ``dct_blocks(shape)``).
       candidates, overshoot, max_iter, bounds: as in ``subspace_deepfool``.
-      batch_size: pairs in flight at once (memory bound).
+      batch_size: pairs in flight at once (memory bound); ``None``:
+        ``engine.default_batch_size()`` (64 on a CPU, 256 on an accelerator).
       progress, desc: a progress bar of finished pairs.
 
     Returns:

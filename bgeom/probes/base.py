@@ -444,7 +444,7 @@ class SuiteContext:
         fn: Callable,
         member: Member,
         *rows: Any,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         desc: str = "",
         **options: Any,
     ) -> Any:
