@@ -95,10 +95,11 @@ def default_batch_size() -> int:
 
     On a CPU the step of a wide batch of conv-net gradients overflows the
     caches: DeepFool on 256 digits took 8.4 s with 32 slots and 11.6 s with
-    256 for a plain-JAX CNN, 0.75 s with 64 and 0.86 s with 256 for LeNet,
-    and 0.063 s with 64 and 0.060 s with 256 for a tanh MLP (benchmarks/
-    bench_deepfool.py models, 2-core CPU). 256 on an accelerator is the
-    earlier default, not a measured optimum.
+    256 for a plain-JAX CNN, 0.75 s with 64 and 0.86 s with 256 for LeNet
+    (benchmarks/bench_deepfool.py models, 2-core CPU). A small MLP prefers
+    wide steps (a tanh MLP on 1,797 digits: 0.36 s with 64, 0.26 s with 256).
+    256 on an accelerator is the earlier default, not a measured optimum.
+    See docs/engine.md.
     """
     return 64 if jax.default_backend() == "cpu" else 256
 
