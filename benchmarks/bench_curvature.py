@@ -91,7 +91,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     z, label, adv = res.boundary_point, res.label, res.adv_label
 
     # bgeom: the spectral part at the fixed point.
-    num_matvecs = curv._default_num_matvecs(k, d - 1)
+    num_matvecs = bgeom.spectra.default_num_matvecs(k, d - 1)
     ours = jax.jit(lambda p, zz: curv.principal_curvatures(apply_fn, p, zz, label, adv, k=k))
     ours_compile, ours_c = timed_compile(ours, params, z)
     ours_s, ours_times, ours_out = median_time(lambda: ours_c(params, z), args.repeats)
@@ -111,7 +111,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     overhead = ours_s / (products * hvp_s)
 
     # scipy eigsh on the same operator, jitted (one device call per product).
-    op = jax.jit(lambda p, zz, vv: curv.curvature_operator(apply_fn, p, zz, label, adv)[0](vv))
+    op = jax.jit(
+        lambda p, zz, vv: bgeom.operators.curvature_operator(apply_fn, p, zz, label, adv)[0](vv)
+    )
     timed(lambda: op(params, z, v))
     counter = {"n": 0}
 
@@ -122,7 +124,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     lin = LinearOperator((d, d), matvec=matvec, dtype=np.float64)
     tangent = np.asarray(
-        curv._tangent_start(jax.random.PRNGKey(0), ours_out.normal), np.float64
+        bgeom.operators.tangent_start(jax.random.PRNGKey(0), ours_out.normal), np.float64
     ).ravel()
     eigsh_rows = {}
     for label_tol, tol in (("same accuracy", rel_resid), ("tol=0 (default)", 0.0)):
