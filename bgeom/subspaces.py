@@ -179,7 +179,7 @@ class MaskSubspace(_Stackable):
 
     def norm_of_projection(self, g: jax.Array) -> jax.Array:
         """``||P_S g||`` without the inverse transform (the DCT is orthonormal)."""
-        return jnp.linalg.norm((self.mask[..., None] * dct2(g)).ravel())
+        return jnp.linalg.norm(self.coordinates(self.analyse(g)).ravel())
 
     def complement(self) -> MaskSubspace:
         """The orthogonal complement: the atoms this subspace leaves out."""
@@ -230,7 +230,7 @@ class BasisSubspace(_Stackable):
 
     def norm_of_projection(self, g: jax.Array) -> jax.Array:
         """``||P_S g|| = ||B g||`` (orthonormal rows)."""
-        return jnp.linalg.norm(jnp.tensordot(self.basis, g, axes=3))
+        return jnp.linalg.norm(self.coordinates(self.analyse(g)))
 
 
 Subspace = MaskSubspace | BasisSubspace
