@@ -10,7 +10,7 @@ top eigenvalues of ``A = P H_F P / ||grad F||`` on the tangent space, by:
 - dense: ``jax.hessian`` of F (jitted) and ``eigh`` of the d-1 x d-1 tangent block
   (``bgeom.curvature.dense_curvatures``, jitted): the test oracle;
 - scipy: ``scipy.sparse.linalg.eigsh(LinearOperator(A), k=10, which="LA")`` whose
-  matvec is the SAME operator jitted (``bgeom.curvature.curvature_operator``,
+  matvec is the SAME operator jitted (``bgeom.operators.curvature_operator``,
   forward-over-reverse HVP and both projections), one device call per product.
   Run twice: with ``tol`` equal to the largest relative residual bgeom reached (same
   accuracy) and with ARPACK's default ``tol=0`` (machine precision).
