@@ -180,6 +180,29 @@ def test_subspace_margins_grid_equals_per_pair_calls():
             np.testing.assert_allclose(grid.margin[i, j], one.margin, **tol(jnp.float32, 4))
 
 
+@pytest.mark.parametrize("kind", ["dct", "basis"])
+def test_subspace_margins_on_a_nonlinear_model_equals_per_pair_calls(kind):
+    # Searches of several steps: the shared first step, then engine steps.
+    shape = (8, 8, 1)
+    model = models.create("mlp", shape, 4, hidden=(24,), activation="tanh")
+    apply_fn, params = models.functional(model)
+    xs = jax.random.uniform(jax.random.PRNGKey(10), (4, *shape))
+    subs = (
+        S.dct_blocks(shape, 4, 2)
+        if kind == "dct"
+        else S.random(jax.random.PRNGKey(11), shape, 12, num=3)
+    )
+    grid = bgeom.subspace_margins(apply_fn, params, xs, subs, batch_size=4)
+    one = jax.vmap(
+        lambda x: jax.vmap(lambda s: bgeom.subspace_deepfool(apply_fn, params, x, s))(subs)
+    )(xs)
+    assert int(np.max(grid.iterations)) > 1
+    np.testing.assert_array_equal(grid.converged, one.converged)
+    ok = np.asarray(one.converged)
+    assert ok.mean() > 0.5
+    np.testing.assert_allclose(grid.margin[ok], np.asarray(one.margin)[ok], **tol(jnp.float32, 64))
+
+
 def test_bad_input_says_what_is_wrong():
     apply_fn, params = affine_classifier(0, 3, (8, 8, 1))
     x = jnp.zeros((8, 8, 1))
