@@ -329,6 +329,12 @@ def adversarials(row: Row, x_np: np.ndarray) -> np.ndarray:
     return np.asarray(row.out[0])
 
 
+def lockstep_efficiency(iterations: Any) -> float:
+    """Useful / computed steps of ``jit(vmap)``: every lane runs until the slowest stops."""
+    it = np.asarray(iterations)
+    return float(it.sum() / (it.size * max(int(it.max()), 1)))
+
+
 def summarise(
     row: Row,
     x_np: np.ndarray,
@@ -368,9 +374,7 @@ def summarise(
         out["iterations_mean"] = float(np.mean(result.iterations))
         out["iterations_max"] = int(np.max(result.iterations))
     elif row.key == "jit_vmap":
-        it = np.asarray(row.out.iterations)
-        # Lock step: every lane of the vmapped while_loop runs until the slowest stops.
-        out["work_efficiency"] = float(it.sum() / (n * max(int(it.max()), 1)))
+        out["work_efficiency"] = lockstep_efficiency(row.out.iterations)
         out["converged_rate"] = float(np.mean(np.asarray(row.out.converged)))
     elif row.key == "foolbox":
         # The whole batch takes every step until the last image flips. Same algorithm as
@@ -503,12 +507,12 @@ def at_scale(model: Any, data: Any, args, cpu: Any, per_image_floor: float) -> d
     for _ in range(args.repeats):
         for row in rows:
             row.repeat()
-    (_, stats), iterations = rows[0].out, np.asarray(rows[1].out.iterations)
+    _, stats = rows[0].out
     floor = stats.steps * per_image_floor
     out: dict[str, Any] = {"images": len(x_np), "useful_steps": stats.steps, "floor_seconds": floor}
     efficiency = {
-        "batched": stats.steps / stats.computed_steps,
-        "jit_vmap": float(iterations.sum() / (len(x_np) * max(int(iterations.max()), 1))),
+        "batched": stats.work_efficiency,
+        "jit_vmap": lockstep_efficiency(rows[1].out.iterations),
     }
     for row in rows:
         median = statistics.median(row.times)
@@ -778,7 +782,7 @@ def render_section(results: dict[str, Any]) -> str:
 def terminal_summary(results: dict[str, Any]) -> str:
     """What is printed at the end of a run: both tables and the verdicts."""
     parts = [results_table(results), floor_table(results), "\n".join(verdicts(results))]
-    return "\n\n".join(parts + [scale_table(results)] * bool(scale_table(results)))
+    return "\n\n".join(p for p in (*parts, scale_table(results)) if p)
 
 
 def _command(args: argparse.Namespace) -> str:
