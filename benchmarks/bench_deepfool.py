@@ -168,8 +168,9 @@ def measure_floor(model: Any, params: Any, x: Any, args: argparse.Namespace) -> 
         "per_image_seconds": seconds / n,
         "compile_seconds": compile_s,
     }
-    # The same step on as many images as the engine's default slots: on a CPU a
-    # narrower step can cost less per image. The floor takes the cheaper width.
+    # The same step on as many images as the engine's narrow CPU width
+    # (default_batch_size(): 64, its width for conv nets): on a CPU a narrower
+    # step can cost less per image. The floor takes the cheaper width.
     slots = import_bgeom().engine.default_batch_size()
     if slots < n:
         xs, cs = x[:slots], cot[:slots]

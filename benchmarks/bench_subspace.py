@@ -37,7 +37,7 @@ coefficients, the step with one inverse DCT and the forward pass at the new
 point; all images doing a forward pass, the batched VJP and the DCTs; 256
 pairs masking their image's shared coefficients, stepping and doing the
 forward pass at the new point), divided by its batch; the pair probes also on
-as many pairs as the engine's default slots, the cheaper per pair counted. The projections are
+as many pairs as the engine's narrow CPU width (64), the cheaper per pair counted. The projections are
 counted at their cheapest known cost (one DCT per gradient, one inverse DCT
 per step), the way bgeom computes them.
 
@@ -80,7 +80,7 @@ from _common import (  # noqa: E402
 SEARCH = dict(candidates=10, overshoot=0.02, max_iter=100)
 BLOCK, STRIDE = 8, 1
 AGREEMENT_TOLERANCE = 0.01  # median relative margin difference
-PROBE_PAIRS = 256  # pairs per floor probe (also timed on the engine's default slots)
+PROBE_PAIRS = 256  # pairs per floor probe (also timed on the engine's narrow CPU width, 64)
 
 
 # --------------------------------------------------------------------------- the reference
@@ -540,7 +540,7 @@ def render(results: dict[str, Any]) -> str:
             "probe pairs, 256 or all when fewer: forward pass, the candidates' gradient "
             "differences by one batched VJP, their DCTs, the block's masked coefficients, the "
             "step with one inverse DCT, the forward pass at the new point; / the probe pairs, or "
-            "the same on as many pairs as the engine's default slots if cheaper per pair), "
+            "the same on 64 pairs, the engine's narrow CPU width, if cheaper per pair), "
             "plus the images x one first linearisation per image (forward pass, batched VJP, "
             "the DCTs; one call on all images), plus the pairs x the first step of a pair from "
             "that shared linearisation (its masked coefficients, the step, the forward pass at "

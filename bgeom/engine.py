@@ -15,7 +15,10 @@ functions over a whole batch from the host:
   ``jit(vmap(loop))`` every example runs as many steps as the slowest);
 - when no example is waiting, the slots shrink (by halves, down to 8),
   so the tail does not run on a mostly empty batch;
-- memory is bounded by ``batch_size`` slots.
+- memory is bounded by ``batch_size`` slots;
+- the slots are split over every local device (each of them runs an equal
+  share of every step: jit's SPMD partitioning of the vmapped step), and
+  ``batched`` splits the examples over the processes of a multi-process run.
 
 The result equals ``jax.jit(jax.vmap(loop))`` up to the rounding of batched
 evaluations: every example runs exactly the same steps. ``batched(fn)`` is the
@@ -26,12 +29,18 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import dtypes
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bgeom import sharding
+from bgeom.sharding import split_over_processes
 
 
 class Iterative(NamedTuple):
@@ -72,6 +81,8 @@ class EngineStats(NamedTuple):
       calls: step calls (one jitted call each).
       work_efficiency: ``steps / computed_steps``.
       seconds: wall time, compilation included.
+      devices: the devices that held the slots (read from the slots' sharding).
+      slots: the most slots in flight (over all devices).
     """
 
     examples: int
@@ -80,6 +91,8 @@ class EngineStats(NamedTuple):
     calls: int
     work_efficiency: float
     seconds: float
+    devices: int = 1
+    slots: int = 0
 
 
 # Slot counts are ``top / 2^k``, none below this: few shapes to compile (each
@@ -90,26 +103,64 @@ _SMALLEST = 8
 _START = 256
 
 
-def default_batch_size() -> int:
-    """Slots ``run`` keeps when not told: 64 on a CPU, 256 on an accelerator.
+def default_batch_size(has_convolution: bool = True) -> int:
+    """Slots ``run`` keeps per device when not told.
 
-    On a CPU the step of a wide batch of conv-net gradients overflows the
-    caches: DeepFool on 256 digits took 8.4 s with 32 slots and 11.6 s with
-    256 for a plain-JAX CNN, 0.75 s with 64 and 0.86 s with 256 for LeNet
-    (benchmarks/bench_deepfool.py models, 2-core CPU). A small MLP prefers
-    wide steps (a tanh MLP on 1,797 digits: 0.36 s with 64, 0.26 s with 256).
-    256 on an accelerator is the earlier default, not a measured optimum.
-    See docs/engine.md.
+    256 on an accelerator. On a CPU, 64 for a search whose step has a
+    convolution and 256 for one without: the step of a wide batch of conv-net
+    gradients overflows the caches (DeepFool on 256 digits took 8.4 s with 32
+    slots and 11.6 s with 256 for a plain-JAX CNN, 0.75 s with 64 and 0.86 s
+    with 256 for LeNet), while a matmul-only model prefers wide steps (a tanh
+    MLP on 1,797 digits: 0.36 s with 64, 0.26 s with 256); benchmarks in
+    benchmarks/bench_deepfool.py, 2-core CPU. 256 on an accelerator is the
+    earlier default, not a measured optimum. ``run`` reads ``has_convolution``
+    from the step's jaxpr (``step_has_convolution``). See docs/engine.md.
     """
-    return 64 if jax.default_backend() == "cpu" else 256
+    if jax.default_backend() != "cpu":
+        return 256
+    return 64 if has_convolution else 256
 
 
-def _bucket(n: int, top: int) -> int:
-    """The smallest of ``top, top / 2, top / 4, ...`` (down to 8) that holds ``n``."""
-    size = top
-    while size % 2 == 0 and size // 2 >= max(n, _SMALLEST):
-        size //= 2
-    return size
+def _has_convolution(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (or any jaxpr inside it) convolves."""
+    from jax.extend import core
+
+    if any(e.primitive.name == "conv_general_dilated" for e in jaxpr.eqns):
+        return True
+    return any(_has_convolution(sub) for sub in core.subjaxprs(jaxpr))
+
+
+# step_has_convolution's answers, per Iterative (traced once each).
+_CONVOLVES: dict[Iterative, bool] = {}
+
+
+def step_has_convolution(it: Iterative, consts: Any, *example: Any) -> bool:
+    """Whether one ``it.step`` (traced on ``example``'s shapes) computes a convolution.
+
+    The answer is cached per ``it``: the model inside it decides, not the shapes.
+    """
+    if it not in _CONVOLVES:
+        state = jax.eval_shape(it.init, consts, *example)
+        _CONVOLVES[it] = _has_convolution(jax.make_jaxpr(it.step)(consts, state).jaxpr)
+    return _CONVOLVES[it]
+
+
+def _bucket(n: int, top: int, devices: int = 1) -> int:
+    """The smallest of ``top, top / 2, top / 4, ...`` (down to 8) that holds ``n``.
+
+    With several devices every size stays a multiple of ``devices`` (``top``
+    is ``devices * 2^k``), so each device holds an equal share.
+    """
+    per = top // devices
+    while per % 2 == 0 and (per // 2) * devices >= max(n, _SMALLEST):
+        per //= 2
+    return per * devices
+
+
+def _power_of_two_multiple(n: int, devices: int) -> int:
+    """The smallest ``devices * 2^k`` (k >= 0) that is at least ``n``."""
+    per = -(-max(n, 1) // devices)
+    return devices * (1 << (per - 1).bit_length())
 
 
 def _tree_rows(tree: Any, rows: np.ndarray) -> Any:
@@ -117,9 +168,14 @@ def _tree_rows(tree: Any, rows: np.ndarray) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(it: Iterative, what: str) -> Callable:
-    """The jitted, vmapped pieces of ``it`` (compiled once per shape)."""
+def _compiled(it: Iterative, what: str, slots: Any = None) -> Callable:
+    """The jitted, vmapped pieces of ``it`` (compiled once per shape).
+
+    ``slots``: the sharding of every output's leading (slot) axis over several
+    devices; ``None`` on one device.
+    """
     running = jax.vmap(it.running, in_axes=(None, 0))
+    jit = jax.jit if slots is None else functools.partial(jax.jit, out_shardings=slots)
     if what == "init":
         # ``rows`` picks the examples to start out of the whole (device) arrays.
         def init(consts, rows, *examples):
@@ -127,28 +183,28 @@ def _compiled(it: Iterative, what: str) -> Callable:
             states = jax.vmap(it.init, in_axes=(None,) + (0,) * len(example))(consts, *example)
             return states, running(consts, states)
 
-        return jax.jit(init)
+        return jit(init)
     if what == "step":
 
         def step(consts, states):
             states = jax.vmap(it.step, in_axes=(None, 0))(consts, states)
             return states, running(consts, states)
 
-        return jax.jit(step, donate_argnums=1)
+        return jit(step, donate_argnums=1)
     if what == "finish":
 
         def finish(consts, states, rows):
             return jax.vmap(it.finish, in_axes=(None, 0))(consts, _tree_rows(states, rows))
 
-        return jax.jit(finish)
+        return jit(finish)
     if what == "place":
         # Slots ``rows`` of ``states`` take ``new`` (rows out of range are dropped).
         def place(states, new, rows):
             return jax.tree.map(lambda a, b: a.at[rows].set(b, mode="drop"), states, new)
 
-        return jax.jit(place, donate_argnums=0)
+        return jit(place, donate_argnums=0)
     if what == "take":
-        return jax.jit(_tree_rows)
+        return jit(_tree_rows)
     raise ValueError(what)
 
 
@@ -175,11 +231,16 @@ def _padded(rows: np.ndarray, size: int) -> np.ndarray:
 class _Run:
     """One call of ``run``: the slots on the device, the results on the host."""
 
-    def __init__(self, it: Iterative, consts: Any, examples: tuple, n: int, batch_size: int):
+    def __init__(
+        self, it: Iterative, consts: Any, examples: tuple, n: int, top: int, slots: Any = None
+    ):
         self.it, self.consts, self.examples, self.n = it, consts, examples, n
-        whole = 1 << max(0, n - 1).bit_length()
-        self.top = min(batch_size, whole)  # slots
-        self.chunk = max(self.top, min(_START, whole))  # examples started at once
+        self.sharding = slots  # of the slot axis over the devices; None: one device
+        self.devices = 1 if slots is None else len(slots.device_set)
+        whole = _power_of_two_multiple(n, self.devices)
+        self.top = min(top, whole)  # slots
+        start = _power_of_two_multiple(_START, self.devices)
+        self.chunk = max(self.top, min(start, whole))  # examples started at once
         self.states: Any = None
         self.slots = _Slots(0)
         self.results: Any = None
@@ -190,11 +251,17 @@ class _Run:
         self.pending_ids = np.zeros(0, np.int64)
         self.steps = self.computed = self.calls = self.finished = 0
 
+    def _piece(self, what: str) -> Callable:
+        return _compiled(self.it, what, self.sharding)
+
+    def _bucket(self, n: int, top: int) -> int:
+        return _bucket(n, top, self.devices)
+
     # -- results
     def _store(self, rows: np.ndarray, ids: np.ndarray, steps: np.ndarray, states: Any) -> None:
         """Finish the states at ``rows`` (of ``states``) as examples ``ids``."""
-        size = _bucket(len(rows), self.chunk)
-        out = _compiled(self.it, "finish")(self.consts, states, _padded(rows, size))
+        size = self._bucket(len(rows), self.chunk)
+        out = self._piece("finish")(self.consts, states, _padded(rows, size))
         out = jax.tree.map(lambda a: np.asarray(a)[: len(rows)], out)
         if self.results is None:
             self.results = jax.tree.map(lambda a: np.empty((self.n, *a.shape[1:]), a.dtype), out)
@@ -212,8 +279,8 @@ class _Run:
         """
         ids = np.arange(self.waiting, self.waiting + count)
         self.waiting += count
-        rows = _padded(ids, rows or _bucket(count, self.chunk))
-        states, running = _compiled(self.it, "init")(self.consts, rows, *self.examples)
+        rows = _padded(ids, rows or self._bucket(count, self.chunk))
+        states, running = self._piece("init")(self.consts, rows, *self.examples)
         running = np.asarray(running)[:count]
         idle = np.flatnonzero(~running)
         if idle.size:  # e.g. max_iter = 0, or already where the search goes
@@ -229,7 +296,7 @@ class _Run:
         ones wait, started, in ``pending`` until slots free up.
         """
         if self.states is None:
-            size = _bucket(self.n, self.top)
+            size = self._bucket(self.n, self.top)
             self.states, running, ids = self._start(min(size, self.n), rows=size)
             self.slots = _Slots(size)
             self.slots.example[: len(ids)] = np.where(running, ids, -1)
@@ -247,7 +314,7 @@ class _Run:
             rows = np.flatnonzero(self.pending_ids >= 0)[: free.size]
             target = np.full(len(self.pending_ids), self.slots.size)  # dropped
             target[rows] = free[: rows.size]
-            self.states = _compiled(self.it, "place")(self.states, self.pending, target)
+            self.states = self._piece("place")(self.states, self.pending, target)
             self.slots.example[free[: rows.size]] = self.pending_ids[rows]
             self.slots.steps[free[: rows.size]] = 0
             self.pending_ids[rows] = -1
@@ -261,10 +328,10 @@ class _Run:
     def shrink(self) -> None:
         """With nobody waiting, move the busy slots into the smallest bucket that holds them."""
         busy = np.flatnonzero(self.slots.busy())
-        size = _bucket(busy.size, self.top)
+        size = self._bucket(busy.size, self.top)
         if not self.nobody_waiting() or size >= self.slots.size or not busy.size:
             return
-        self.states = _compiled(self.it, "take")(self.states, _padded(busy, size))
+        self.states = self._piece("take")(self.states, _padded(busy, size))
         old = self.slots
         self.slots = _Slots(size)
         self.slots.example[: busy.size] = old.example[busy]
@@ -273,7 +340,7 @@ class _Run:
     def step(self) -> None:
         """One step of every slot; finished examples leave."""
         busy = self.slots.busy()
-        self.states, running = _compiled(self.it, "step")(self.consts, self.states)
+        self.states, running = self._piece("step")(self.consts, self.states)
         self.calls += 1
         self.computed += self.slots.size
         self.slots.steps[busy] += 1
@@ -284,6 +351,10 @@ class _Run:
 
     def busy(self) -> bool:
         return bool(self.slots.busy().any()) or not self.nobody_waiting()
+
+    def devices_used(self) -> int:
+        leaves = jax.tree.leaves(self.states)
+        return len(leaves[0].sharding.device_set) if leaves else 0
 
 
 def _leading(examples: tuple) -> int:
@@ -301,6 +372,7 @@ def run(
     consts: Any,
     *examples: Any,
     batch_size: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
     progress: bool = False,
     desc: str = "",
 ) -> tuple[Any, EngineStats]:
@@ -311,9 +383,13 @@ def run(
       consts: the pytree every example shares (traced: parameters, options).
       *examples: per-example arrays (or pytrees of arrays) with a common
         leading axis ``n``.
-      batch_size: the most slots (examples in flight); rounded down to a power
-        of two. ``None``: ``default_batch_size()`` (64 on a CPU, 256 on an
-        accelerator).
+      batch_size: the most slots (examples in flight) over all devices;
+        rounded down to ``len(devices) * 2^k``. ``None``:
+        ``default_batch_size`` per device (on a CPU 64 when the step has a
+        convolution, 256 when not; 256 on an accelerator).
+      devices: the devices the slots are split over, every one running an
+        equal share of each step; ``None``: ``jax.local_devices()`` (this
+        process's devices). ``consts`` and the examples are copied to each.
       progress: show a progress bar of finished examples.
       desc: its label.
 
@@ -323,13 +399,30 @@ def run(
     """
     started = time.perf_counter()
     n = _leading(examples)
+    devices = list(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("engine.run: devices is empty; give at least one device (or None).")
     if batch_size is None:
-        batch_size = default_batch_size()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-    top = 1 << (int(batch_size).bit_length() - 1)
-    examples = jax.tree.map(jnp.asarray, examples)  # on the device once, gathered there
-    state = _Run(it, consts, examples, n, top)
+        first = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], dtypes.canonicalize_dtype(a.dtype)),
+            examples,
+        )
+        convolves = step_has_convolution(it, consts, *first)
+        batch_size = default_batch_size(convolves) * len(devices)
+    if batch_size < len(devices):
+        raise ValueError(
+            f"batch_size must be at least the number of devices ({len(devices)}); got {batch_size}."
+        )
+    per_device = int(batch_size) // len(devices)
+    top = len(devices) * (1 << (per_device.bit_length() - 1))
+    slots = None
+    if len(devices) == 1:
+        examples = jax.tree.map(jnp.asarray, examples)  # on the device once, gathered there
+    else:
+        mesh = Mesh(np.asarray(devices), ("slots",))
+        slots = NamedSharding(mesh, P("slots"))
+        consts, examples = sharding._replicate((consts, examples), NamedSharding(mesh, P()), False)
+    state = _Run(it, consts, examples, n, top, slots)
     from tqdm.auto import tqdm
 
     with tqdm(total=n, desc=desc, disable=not progress, leave=False, unit="ex") as bar:
@@ -346,6 +439,8 @@ def run(
         calls=state.calls,
         work_efficiency=state.steps / state.computed if state.computed else 1.0,
         seconds=time.perf_counter() - started,
+        devices=state.devices_used(),
+        slots=state.top,
     )
     return state.results, stats
 
@@ -378,9 +473,17 @@ def batched(fn: Callable) -> Callable:
     up to float rounding, as NumPy arrays, but every step runs at the top level
     of a jitted program and finished examples leave the batch at once. Extra
     per-example arguments (``targeted_deepfool``'s targets) are batched like
-    ``xs``. Keywords ``batch_size`` (default ``default_batch_size()``: 64 on a
-    CPU, 256 on an accelerator), ``progress``, ``desc`` and
+    ``xs``. Keywords ``batch_size`` (default ``default_batch_size`` per
+    device: on a CPU 64 for a model with convolutions, 256 without; 256 on an
+    accelerator), ``devices`` (default: every
+    local device; the slots are split over them), ``progress``, ``desc`` and
     ``return_stats`` (also return ``EngineStats``) control the driver.
+
+    In a multi-process run (``bgeom.sharding.initialize``) every process must
+    make the same call: each runs its share of the examples on its own
+    devices and every process gets the whole result
+    (``bgeom.sharding.split_over_processes``); ``EngineStats`` then describes
+    this process's share.
 
     Args:
       fn: one of ``bgeom.deepfool``, ``bgeom.targeted_deepfool``,
@@ -405,19 +508,34 @@ def batched(fn: Callable) -> Callable:
         xs: Any,
         *args: Any,
         batch_size: int | None = None,
+        devices: Sequence[jax.Device] | None = None,
         progress: bool = False,
         desc: str = "",
         return_stats: bool = False,
         **options: Any,
     ) -> Any:
-        xs = jnp.asarray(xs)
-        if xs.ndim != 4:
+        if np.ndim(xs) != 4:
             raise ValueError(
                 f"bgeom.batched({fn.__name__}) expects a batch of images (N, H, W, C); got "
-                f"shape {tuple(xs.shape)}. For one image call bgeom.{fn.__name__} directly."
+                f"shape {tuple(np.shape(xs))}. For one image call bgeom.{fn.__name__} directly."
             )
-        it, consts, examples = plan(apply_fn, params, xs, *args, **options)
-        out, stats = run(it, consts, *examples, batch_size=batch_size, progress=progress, desc=desc)
-        return (out, stats) if return_stats else out
+        it, consts, examples = plan(apply_fn, params, jnp.asarray(xs), *args, **options)
+        stats: list[EngineStats] = []
+
+        def share(*examples: Any) -> Any:
+            out, st = run(
+                it,
+                consts,
+                *examples,
+                batch_size=batch_size,
+                devices=devices,
+                progress=progress,
+                desc=desc,
+            )
+            stats.append(st)
+            return out
+
+        out = split_over_processes(share, *examples)
+        return (out, stats[0]) if return_stats else out
 
     return run_batch

@@ -11,7 +11,7 @@ with ``jax.jit`` and ``jax.vmap``; no Python loop runs over samples or classes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +20,7 @@ import numpy as np
 
 from bgeom import _checks, boundary, engine
 from bgeom import subspaces as subspaces_lib
+from bgeom.sharding import split_over_processes
 
 # ``MarginResult.status`` codes (index into STATUS_NAMES).
 CONVERGED = 0  # the label flipped (targeted: reached the target)
@@ -186,6 +187,7 @@ def subspace_margins(
     max_iter: int = 100,
     bounds: tuple[float, float] | None = None,
     batch_size: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
     progress: bool = False,
     desc: str = "subspace margins",
 ) -> MarginResult:
@@ -207,7 +209,12 @@ def subspace_margins(
       subspaces: a stack of M subspaces (e.g. ``dct_blocks(shape)``).
       candidates, overshoot, max_iter, bounds: as in ``subspace_deepfool``.
       batch_size: pairs in flight at once (memory bound); ``None``:
-        ``engine.default_batch_size()`` (64 on a CPU, 256 on an accelerator).
+        ``engine.default_batch_size`` per device (on a CPU 64 when the model
+        has convolutions, 256 when not; 256 on an accelerator).
+      devices: the devices the pairs in flight are split over; ``None``:
+        every local device. In a multi-process run every process makes the
+        same call, computes the margins of its share of the images and gets
+        all of them (as ``bgeom.batched``).
       progress, desc: a progress bar of finished pairs.
 
     Returns:
@@ -229,19 +236,25 @@ def subspace_margins(
     x0, options = options.checked("subspace_margins", apply_fn, params, xs[0])
     subspaces_lib.check_compatible(subspaces[0], x0.shape, "subspace_margins")
     boundary.check_batch(xs, "subspace_margins")
-    n, m = xs.shape[0], len(subspaces)
-    tables = _first_steps(apply_fn, params, xs, options, subspaces)
-    images, blocks = np.meshgrid(np.arange(n), np.arange(m), indexing="ij")
-    out, _ = engine.run(
-        _pair_iterative(apply_fn),
-        tables,
-        images.ravel(),
-        blocks.ravel(),
-        batch_size=batch_size,
-        progress=progress,
-        desc=desc,
-    )
-    return jax.tree.map(lambda a: a.reshape(n, m, *a.shape[1:]), out)
+    m = len(subspaces)
+
+    def share(xs: jax.Array) -> MarginResult:
+        n = xs.shape[0]
+        tables = _first_steps(apply_fn, params, jnp.asarray(xs), options, subspaces)
+        images, blocks = np.meshgrid(np.arange(n), np.arange(m), indexing="ij")
+        out, _ = engine.run(
+            _pair_iterative(apply_fn),
+            tables,
+            images.ravel(),
+            blocks.ravel(),
+            batch_size=batch_size,
+            devices=devices,
+            progress=progress,
+            desc=desc,
+        )
+        return jax.tree.map(lambda a: a.reshape(n, m, *a.shape[1:]), out)
+
+    return split_over_processes(share, xs)
 
 
 class _Tables(NamedTuple):

@@ -18,6 +18,13 @@ Why a global mesh rather than independent per-process loops: one compiled
 SPMD program keeps every process in lock step (no process can run ahead and
 write partial results), and the gather at the end of each chunk is the only
 communication.
+
+The iterative searches (DeepFool and the others ``bgeom.batched`` takes) do
+not go through ``sweep``: under ``vmap`` every example would run as many
+steps as the slowest. ``bgeom.batched`` scales them the same way instead: its
+slots are split over every local device, and a multi-process run splits the
+examples over the processes (``split_over_processes``), each compacting its
+own share (docs/engine.md).
 """
 
 from __future__ import annotations

@@ -133,3 +133,37 @@ def test_misuse_says_what_to_pass(smooth_mlp):
         bgeom.batched(bgeom.targeted_deepfool)(apply_fn, params, xs, jnp.zeros(3, jnp.int32))
     with pytest.raises(ValueError, match="NaN"):
         bgeom.batched(bgeom.deepfool)(apply_fn, params, xs.at[0, 0, 0, 0].set(jnp.nan))
+
+
+def _conv_logits(p, x):
+    """A plain-JAX conv net (NHWC/HWIO), one image: conv, ReLU, mean pool, dense."""
+    h = jax.lax.conv_general_dilated(
+        x[None], p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.mean(jax.nn.relu(h), axis=(0, 1, 2)) @ p["w"]
+
+
+def test_default_slots_follow_whether_the_step_convolves(smooth_mlp):
+    apply_fn, params, xs = smooth_mlp
+    options = bgeom.boundary.options_of(bgeom.deepfool, "deepfool", {"candidates": 4})
+    one = jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype)
+
+    def convolves(f, p):
+        it = bgeom.boundary.deepfool_iterative(f)
+        return engine.step_has_convolution(it, bgeom.boundary.Shared(p, options), one)
+
+    conv = {"k": jnp.ones((3, 3, 1, 4)) / 9, "w": jnp.eye(4)}
+    lenet_fn, lenet_params = models.functional(models.create("lenet", (6, 6, 1), 4))
+    assert not convolves(apply_fn, params)
+    assert convolves(_conv_logits, conv)
+    assert convolves(lenet_fn, lenet_params)  # inside bgeom's custom-VJP convolution
+    if jax.default_backend() == "cpu":
+        assert (engine.default_batch_size(True), engine.default_batch_size(False)) == (64, 256)
+        # The MLP gets 256 slots per device (capped by the batch: 13 -> 16).
+        _, stats = bgeom.batched(bgeom.deepfool)(apply_fn, params, xs, return_stats=True)
+        assert stats.slots == 16 and stats.devices == 1
+        many = jnp.tile(xs, (10, 1, 1, 1))  # 130 images: 256 slots would hold them all
+        _, stats = bgeom.batched(bgeom.deepfool)(_conv_logits, conv, many, return_stats=True)
+        assert stats.slots == 64
+        _, stats = bgeom.batched(bgeom.deepfool)(apply_fn, params, many, return_stats=True)
+        assert stats.slots == 256

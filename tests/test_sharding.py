@@ -279,6 +279,22 @@ res, st = sharding.sweep(
 )
 out.update({{f"members/{{k}}": np.asarray(v) for k, v in res._asdict().items()}})
 out["members/stats"] = np.asarray([st.devices, st.chunk_size, st.chunks, st.padding])
+# The engine: 8 slots split over the 4 devices (2 each), compaction across them.
+import bgeom
+res, st = bgeom.batched(deepfool)(
+    apply_fn, params, xs, max_iter=20, batch_size=8, return_stats=True
+)
+out.update({{f"engine/{{k}}": np.asarray(v) for k, v in res._asdict().items()}})
+out["engine/stats"] = np.asarray([st.devices, st.examples, st.steps])
+blocks = bgeom.subspaces.dct_blocks((4, 4, 1), 2)
+res = bgeom.subspace_margins(apply_fn, params, xs, blocks, max_iter=20, batch_size=8)
+out["subspace/margin"] = np.asarray(res.margin)
+try:
+    bgeom.batched(deepfool)(apply_fn, params, xs, batch_size=2)
+except ValueError as e:
+    assert "number of devices (4)" in str(e), e
+else:
+    raise AssertionError("batch_size 2 on 4 devices was accepted")
 np.savez(sys.argv[1], **out)
 """
 
@@ -303,6 +319,23 @@ def test_sweep_on_four_devices_equals_single_device_vmap(tmp_path):
     _assert_close(_load(result, "chunked"), _as_dict(single))
     _assert_close(_load(result, "members"), _as_dict(grid))
     assert bool(np.all(single.converged))
+    # The engine's slots really were split over the 4 devices, and it agrees
+    # with jit(vmap) on one device (sweep's reference) and with its own
+    # single-device run.
+    with np.load(result) as z:
+        devices, examples, steps = z["engine/stats"]
+        margin = z["subspace/margin"]
+    assert (devices, examples) == (4, 10)
+    assert steps == int(np.sum(single.iterations))
+    _assert_close(_load(result, "engine"), _as_dict(single))
+    scope = {"jax": jax, "jnp": jnp, "np": np, "N": 10}
+    exec(MODEL, scope)
+    blocks = bgeom.subspaces.dct_blocks((4, 4, 1), 2)
+    here = bgeom.subspace_margins(
+        scope["apply_fn"], scope["params"], scope["xs"], blocks, max_iter=20
+    )
+    assert margin.shape == (10, len(blocks))
+    np.testing.assert_allclose(margin, here.margin, **tol(margin.dtype, 16.0))
 
 
 # --------------------------------------------------------------------------- 2 processes

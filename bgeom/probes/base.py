@@ -454,22 +454,16 @@ class SuiteContext:
         ``subspace_deepfool``, ``boundary_point``) or ``subspace_margins``;
         ``rows`` are its per-example arguments (images first), ``options`` its
         keywords. Every step runs as a jitted top-level call and finished
-        examples leave the batch at once (``bgeom.engine``). In a
-        multi-process run the rows are split over the processes and the
-        result gathered; each process runs its share on its own default device.
-        Returns NumPy arrays, the whole result on every process.
+        examples leave the batch at once (``bgeom.engine``); the slots are
+        split over this process's devices. In a multi-process run the rows
+        are split over the processes and the result gathered. Returns NumPy
+        arrays, the whole result on every process.
         """
         from bgeom import engine, margins
-        from bgeom.sharding import split_over_processes
 
         kw = dict(batch_size=batch_size, progress=self.progress, desc=desc, **options)
-        if fn is margins.subspace_margins:
-            run = lambda xs: fn(member.apply_fn, member.params, xs, *rows[1:], **kw)
-            return split_over_processes(run, rows[0])
-        run_batch = engine.batched(fn)
-        return split_over_processes(
-            lambda *a: run_batch(member.apply_fn, member.params, *a, **kw), *rows
-        )
+        run = fn if fn is margins.subspace_margins else engine.batched(fn)
+        return run(member.apply_fn, member.params, *rows, **kw)
 
 
 def _is_writer() -> bool:
