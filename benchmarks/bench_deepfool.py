@@ -33,8 +33,9 @@ row) times the top-level cost of one step per image, measured as ONE jitted,
 vmapped call on the whole batch that does one step's work (a forward pass, the
 candidates' gradient differences by one batched VJP, the step, and the forward
 pass at the new point), divided by the batch size, or the same on as many
-images as the engine's default slots, whichever is cheaper per image (on a
-CPU a narrow step over conv-net gradients can be). The clean forward pass that
+images as the engine's narrow CPU width (64, its default for conv nets),
+whichever is cheaper per image (on a CPU a narrow step over conv-net
+gradients can be). The clean forward pass that
 picks each image's candidates is not in the floor. ``--no-probe`` skips the
 second measurement of the same step inside a one-iteration ``lax.fori_loop``
 (XLA:CPU compiles some convolution gradients worse inside loop bodies, where
@@ -750,7 +751,8 @@ def render_section(results: dict[str, Any]) -> str:
         "of one step per image: one jitted, vmapped call on the whole batch doing one step's "
         "work (forward pass, the candidates' gradient differences by one batched VJP, the "
         "step, the forward pass at the new point) / batch size, or the same call on as many "
-        "images as the engine's default slots (64 on a CPU) / that many, whichever is "
+        "images as the engine's narrow CPU width (64, its default for conv nets) / that "
+        "many, whichever is "
         f"cheaper per image; median of {cfg['floor_repeats']}. The clean forward pass that "
         "picks each image's candidates is outside the floor. Time / floor of every row "
         "uses that floor (GPU rows: the GPU "

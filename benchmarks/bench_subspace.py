@@ -37,9 +37,9 @@ coefficients, the step with one inverse DCT and the forward pass at the new
 point; all images doing a forward pass, the batched VJP and the DCTs; 256
 pairs masking their image's shared coefficients, stepping and doing the
 forward pass at the new point), divided by its batch; the pair probes also on
-as many pairs as the engine's narrow CPU width (64), the cheaper per pair counted. The projections are
-counted at their cheapest known cost (one DCT per gradient, one inverse DCT
-per step), the way bgeom computes them.
+as many pairs as the engine's narrow CPU width (64), the cheaper per pair
+counted. The projections are counted at their cheapest known cost (one DCT
+per gradient, one inverse DCT per step), the way bgeom computes them.
 
 ``--gpu``: where JAX sees a GPU, bgeom's call and its floor are timed there as
 well; the reference stays on the CPU. No eager-JAX loop is timed: per-op

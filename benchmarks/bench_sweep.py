@@ -1,4 +1,4 @@
-"""Sweep throughput: DeepFool margins through ``bgeom.sweep`` on 1, 2 and 4 devices.
+"""DeepFool margins through ``bgeom.sweep`` and ``bgeom.batched`` on 1, 2 and 4 devices.
 
 The same trained models (digits MLP and CNN, trained once here and loaded by
 every worker from one checkpoint) and the same images are swept with
@@ -7,6 +7,8 @@ and 4 devices. Each device count runs in its own worker process started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` (the device count of a
 process is fixed when JAX starts). The 1-device worker also times plain
 ``jax.jit(jax.vmap(deepfool))``, the baseline the sweep must not slow down.
+Every worker also times ``bgeom.batched(bgeom.deepfool)``, whose slots are
+split over the worker's devices.
 When JAX sees a GPU, a GPU worker runs too; otherwise the section says so.
 
 Forced host devices split one machine's cores: with fewer cores than devices
@@ -89,6 +91,7 @@ class _Worker:
         }
         self.sweeps: dict[str, Any] = {}
         self.plains: dict[str, Any] = {}
+        self.engines: dict[str, Any] = {}
         for name in args.models:
             option = "--cnn-batch" if name == "cnn" else "--batch"
             batch = args.cnn_batch if name == "cnn" else args.batch
@@ -136,6 +139,32 @@ class _Worker:
                 "margin": np.asarray(result.margin, np.float64).tolist(),
                 "label": np.asarray(result.label).tolist(),
             }
+
+            # The same searches through bgeom.batched: compaction, its slots split
+            # over this process's devices.
+            def engine(apply_fn=apply_fn, params=params, x=x):
+                return bgeom.batched(bgeom.deepfool)(
+                    apply_fn,
+                    params,
+                    x,
+                    candidates=args.candidates,
+                    overshoot=args.overshoot,
+                    max_iter=args.steps,
+                    bounds=(0.0, 1.0),
+                    return_stats=True,
+                )
+
+            start = time.perf_counter()
+            out, estats = engine()
+            row["engine"] = {
+                "first_call_seconds": time.perf_counter() - start,
+                "devices_used": estats.devices,
+                "slots": estats.slots,
+                "work_efficiency": estats.work_efficiency,
+                "margin": np.asarray(out.margin, np.float64).tolist(),
+                "label": np.asarray(out.label).tolist(),
+            }
+            self.engines[name] = engine
             if args.baseline:
                 # Plain jit(vmap) on the default device: what sweep replaces.
                 plain = jax.jit(jax.vmap(fn, in_axes=(None, 0)))
@@ -154,15 +183,15 @@ class _Worker:
             self.info["models"][name] = row
 
     def time(self, what: str, name: str) -> float:
-        """Seconds of one sweep (``what="sweep"``) or one plain jit(vmap) call."""
-        fn = self.sweeps[name] if what == "sweep" else self.plains[name]
+        """Seconds of one sweep, ``bgeom.batched`` or plain jit(vmap) call (``what``)."""
+        fn = {"sweep": self.sweeps, "engine": self.engines, "plain": self.plains}[what][name]
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
 
 
 def worker(args: argparse.Namespace) -> int:
-    """Serve timing requests on stdin ("sweep NAME" / "plain NAME"), answers on stdout.
+    """Serve timing requests on stdin ("sweep|engine|plain NAME"), answers on stdout.
 
     The devices of this process are fixed by ``XLA_FLAGS`` / the platform. The
     parent keeps one worker per device count alive and alternates its requests
@@ -268,27 +297,34 @@ def _train(args: argparse.Namespace, checkpoints: Path) -> dict[str, float]:
     return accuracy
 
 
+def _compare(m: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """Labels, flips and margins of one run against the reference run."""
+    a, b = np.asarray(m["margin"]), np.asarray(ref["margin"])
+    finite = np.isfinite(a) & np.isfinite(b)
+    rel = np.abs(a[finite] - b[finite]) / np.maximum(np.abs(b[finite]), 1e-12)
+    out = {
+        "labels_equal": m["label"] == ref["label"],
+        "same_flips": bool(np.array_equal(np.isfinite(a), np.isfinite(b))),
+        "max_relative_margin_difference": float(rel.max()) if rel.size else 0.0,
+    }
+    out["ok"] = bool(
+        out["labels_equal"]
+        and out["same_flips"]
+        and out["max_relative_margin_difference"] < AGREEMENT_RTOL
+    )
+    return out
+
+
 def _agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Margins and labels of every run against the 1-CPU-device run."""
+    """Margins and labels of every run (sweeps and bgeom.batched) against the 1-CPU-device sweep."""
     base = rows[0]
     out = {}
-    for row in rows[1:]:
+    for k, row in enumerate(rows):
         for name, m in row["result"]["models"].items():
             ref = base["result"]["models"][name]
-            a, b = np.asarray(m["margin"]), np.asarray(ref["margin"])
-            finite = np.isfinite(a) & np.isfinite(b)
-            rel = np.abs(a[finite] - b[finite]) / np.maximum(np.abs(b[finite]), 1e-12)
-            out[f"{row['label']}/{name}"] = {
-                "labels_equal": m["label"] == ref["label"],
-                "same_flips": bool(np.array_equal(np.isfinite(a), np.isfinite(b))),
-                "max_relative_margin_difference": float(rel.max()) if rel.size else 0.0,
-            }
-    for value in out.values():
-        value["ok"] = bool(
-            value["labels_equal"]
-            and value["same_flips"]
-            and value["max_relative_margin_difference"] < AGREEMENT_RTOL
-        )
+            if k:
+                out[f"{row['label']}/{name}"] = _compare(m, ref)
+            out[f"{row['label']}/{name}/batched"] = _compare(m["engine"], ref)
     return out
 
 
@@ -308,6 +344,16 @@ def results_table(results: dict[str, Any]) -> str:
                 f"| {m['throughput_per_second']:.0f} | {speed:.2f} "
                 f"| {fmt_seconds(m['compile_seconds'])} | {fmt_seconds(m['first_call_seconds'])} "
                 f"| {m['chunks']} x {m['chunk_size']} ({m['padding']}) |"
+            )
+        for run in results["runs"]:
+            e = run["result"]["models"][name]["engine"]
+            speed = base[name]["median_seconds"] / e["median_seconds"]
+            lines.append(
+                f"| {name} | {base[name]['batch']} | {run['label']}, `bgeom.batched` "
+                f"({e['devices_used']} device(s) held its {e['slots']} slots; work efficiency "
+                f"{e['work_efficiency']:.2f}) | {fmt_seconds(e['median_seconds'])} "
+                f"| {base[name]['batch'] / e['median_seconds']:.0f} | {speed:.2f} | - "
+                f"| {fmt_seconds(e['first_call_seconds'])} | - |"
             )
         plain = base[name].get("jit_vmap")
         if plain:
@@ -338,6 +384,11 @@ def render_section(results: dict[str, Any]) -> str:
         + "), as `bgeom.sweep(fn, params, x, in_axes=(None, 0)"
         + (f", batch_size={cfg['chunk']}" if cfg["chunk"] else "")
         + ")`.",
+        "- **`bgeom.batched` rows:** the same searches as "
+        "`bgeom.batched(bgeom.deepfool)(apply_fn, params, x, ...)` in the same worker: "
+        "compaction (finished images leave), the slots split over the worker's devices "
+        "(their count read from the slots' sharding, `EngineStats.devices`), the default "
+        "width per device. Speed-ups are against the 1-device sweep.",
         "- **Devices:** each CPU row is a separate process started with "
         "`XLA_FLAGS=--xla_force_host_platform_device_count=D`, so D devices share this "
         f"machine's {m['usable_cores']} cores: more devices than cores cannot add compute, and "
@@ -363,14 +414,18 @@ def render_section(results: dict[str, Any]) -> str:
             "that produced it), so there is no GPU row; the same command adds one on a "
             "machine where JAX sees a GPU."
         ),
-        "- **Agreement:** labels, flips and margins of every run equal the 1-device run "
+        "- **Agreement:** labels, flips and margins of every run (`bgeom.batched` included) "
+        "equal the 1-device sweep "
         f"(relative margin difference below {AGREEMENT_RTOL:g}): "
         + ("yes." if ok else "NO, see the JSON."),
         "",
         results_table(results),
     ]
     return generated_section(
-        "sweep", "Sweeps over devices: `bgeom.sweep` on 1, 2 and 4 CPU devices", results, lines
+        "sweep",
+        "Sweeps over devices: `bgeom.sweep` and `bgeom.batched` on 1, 2 and 4 CPU devices",
+        results,
+        lines,
     )
 
 
@@ -431,16 +486,20 @@ def main(argv: list[str] | None = None) -> int:
                 labels.append(f"{workers[-1].info['devices']} GPU")
                 gpu["kind"] = workers[-1].info["device_kind"]
             times = {(i, name): [] for i in range(len(workers)) for name in args.models}
+            engine = {(i, name): [] for i in range(len(workers)) for name in args.models}
             plain = {name: [] for name in args.models}
             for r in range(args.repeats):
                 for name in args.models:
                     for i, w in enumerate(workers):
                         times[i, name].append(w.time("sweep", name))
+                        engine[i, name].append(w.time("engine", name))
                     plain[name].append(workers[0].time("plain", name))
                     print(
                         f"repeat {r + 1}/{args.repeats} {name}: "
                         + ", ".join(
-                            f"{lab} {times[i, name][-1]:.3f} s" for i, lab in enumerate(labels)
+                            f"{lab} {times[i, name][-1]:.3f} s (batched "
+                            f"{engine[i, name][-1]:.3f} s)"
+                            for i, lab in enumerate(labels)
                         )
                         + f", plain jit(vmap) {plain[name][-1]:.3f} s",
                         flush=True,
@@ -454,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             m["times_seconds"] = times[i, name]
             m["median_seconds"] = statistics.median(times[i, name])
             m["throughput_per_second"] = m["batch"] / m["median_seconds"]
+            m["engine"]["times_seconds"] = engine[i, name]
+            m["engine"]["median_seconds"] = statistics.median(engine[i, name])
             if "jit_vmap" in m:
                 m["jit_vmap"]["times_seconds"] = plain[name]
                 m["jit_vmap"]["median_seconds"] = statistics.median(plain[name])
