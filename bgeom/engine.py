@@ -142,6 +142,8 @@ def step_has_convolution(it: Iterative, consts: Any, *example: Any) -> bool:
     if it not in _CONVOLVES:
         state = jax.eval_shape(it.init, consts, *example)
         _CONVOLVES[it] = _has_convolution(jax.make_jaxpr(it.step)(consts, state).jaxpr)
+        while len(_CONVOLVES) > 256:  # the oldest first: do not keep every model alive
+            _CONVOLVES.pop(next(iter(_CONVOLVES)))
     return _CONVOLVES[it]
 
 
