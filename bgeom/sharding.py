@@ -497,7 +497,18 @@ def _compiled_sweep(
         mapped = jax.vmap(fn, in_axes=checked.axes)
         if checked.maxes is not None:
             mapped = jax.vmap(mapped, in_axes=checked.maxes)
-        lowered = jax.jit(mapped, out_shardings=plan.out_sharding).lower(*first)
+        # Each device maps fn over its own rows (shard_map), with no communication:
+        # partitioned by GSPMD instead, a vmapped while_loop reduces its predicate
+        # over all devices every iteration, which can deadlock XLA:CPU's forced
+        # host devices, and makes every device run as long as the slowest.
+        local = jax.shard_map(
+            mapped,
+            mesh=checked.mesh,
+            in_specs=tuple(plan.sample_sharding.spec if ax == 0 else P() for ax in checked.axes),
+            out_specs=plan.out_sharding.spec,
+            check_vma=False,
+        )
+        lowered = jax.jit(local, out_shardings=plan.out_sharding).lower(*first)
         compiled = lowered.compile()
     compile_seconds = time.perf_counter() - t0
     if key is not None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from matfree import decomp, eig
+from matfree import decomp
 
 from bgeom import _checks
 
@@ -78,10 +78,32 @@ def canonical_sign(vecs: jax.Array) -> jax.Array:
     return vecs * jnp.where(pivot < 0, -1.0, 1.0).reshape((-1,) + (1,) * (vecs.ndim - 1))
 
 
+# The small dense eigenproblem of the Lanczos tridiagonal, one matrix per call
+# even under vmap. Batched, jaxlib's CPU LAPACK kernel splits the batch over
+# XLA's intra-op thread pool and waits for it; with as many forced host devices
+# as threads (``--xla_force_host_platform_device_count``), every pool thread
+# then runs a device's program waiting in that kernel, and nothing runs the
+# split work: a deadlock (seen with 2 devices on 2 cores, the curvature probe).
+@jax.custom_batching.sequential_vmap
+def _tridiagonal_eigh(tridiagonal: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.linalg.eigh(tridiagonal)
+
+
 def lanczos_eigs(matvec: Callable, v0: jax.Array, k: int, which: str, num_matvecs: int):
-    """Top/bottom eigenpairs of a symmetric operator by matfree's Lanczos; explicit residuals."""
+    """Top/bottom eigenpairs of a symmetric operator by matfree's Lanczos; explicit residuals.
+
+    matfree's ``decomp.tridiag_sym`` (full reorthogonalisation) gives the
+    Krylov basis ``Q`` and the tridiagonal ``T = Q A Q^T``; the Ritz pairs are
+    the eigenpairs of ``T`` mapped back through ``Q`` (what matfree's
+    ``eig.eigh_partial`` computes, with the small eigenproblem solved one
+    matrix at a time under vmap: see ``_tridiagonal_eigh``).
+    """
     tridiag = decomp.tridiag_sym(num_matvecs, reortho="full", materialize=True, custom_vjp=False)
-    vals, vecs = eig.eigh_partial(tridiag)(matvec, v0)
+    shape = v0.shape
+    flat = lambda v: matvec(v.reshape(shape)).reshape(-1)
+    basis, tridiagonal, *_ = tridiag(flat, v0.reshape(-1))
+    vals, ritz = _tridiagonal_eigh(tridiagonal)
+    vecs = (ritz.T @ basis).reshape((-1, *shape))
     idx = select(vals, k, which)
     vals, vecs = vals[idx], canonical_sign(vecs[idx])
     # Residuals with the operator itself (k products, batched): an honest
