@@ -174,10 +174,24 @@ def _compiled(it: Iterative, what: str, slots: Any = None) -> Callable:
     """The jitted, vmapped pieces of ``it`` (compiled once per shape).
 
     ``slots``: the sharding of every output's leading (slot) axis over several
-    devices; ``None`` on one device.
+    devices; ``None`` on one device. There, each device runs the per-example
+    functions on its own slots (``shard_map``, no communication: partitioned
+    by GSPMD instead, a vmapped loop inside a step would reduce its predicate
+    over all devices every iteration); only the gathers and scatters of
+    compaction move rows between devices.
     """
     running = jax.vmap(it.running, in_axes=(None, 0))
     jit = jax.jit if slots is None else functools.partial(jax.jit, out_shardings=slots)
+
+    def local(fn: Callable, *batched: bool) -> Callable:
+        """``fn`` on each device's share of its ``batched`` arguments (others whole)."""
+        if slots is None:
+            return fn
+        specs = tuple(slots.spec if b else P() for b in batched)
+        return jax.shard_map(
+            fn, mesh=slots.mesh, in_specs=specs, out_specs=slots.spec, check_vma=False
+        )
+
     if what == "init":
         # ``rows`` picks the examples to start out of the whole (device) arrays.
         def init(consts, rows, *examples):
@@ -185,18 +199,23 @@ def _compiled(it: Iterative, what: str, slots: Any = None) -> Callable:
             states = jax.vmap(it.init, in_axes=(None,) + (0,) * len(example))(consts, *example)
             return states, running(consts, states)
 
-        return jit(init)
+        return jit(
+            lambda consts, rows, *ex: local(init, False, True, *[False] * len(ex))(
+                consts, rows, *ex
+            )
+        )
     if what == "step":
 
         def step(consts, states):
             states = jax.vmap(it.step, in_axes=(None, 0))(consts, states)
             return states, running(consts, states)
 
-        return jit(step, donate_argnums=1)
+        return jit(local(step, False, True), donate_argnums=1)
     if what == "finish":
+        finished = local(jax.vmap(it.finish, in_axes=(None, 0)), False, True)
 
         def finish(consts, states, rows):
-            return jax.vmap(it.finish, in_axes=(None, 0))(consts, _tree_rows(states, rows))
+            return finished(consts, _tree_rows(states, rows))
 
         return jit(finish)
     if what == "place":
