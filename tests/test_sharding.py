@@ -289,6 +289,15 @@ out["engine/stats"] = np.asarray([st.devices, st.examples, st.steps])
 blocks = bgeom.subspaces.dct_blocks((4, 4, 1), 2)
 res = bgeom.subspace_margins(apply_fn, params, xs, blocks, max_iter=20, batch_size=8)
 out["subspace/margin"] = np.asarray(res.margin)
+# Lanczos under a sweep: with as many forced devices as cores, jaxlib's batched
+# CPU eigh used to deadlock XLA's intra-op thread pool (spectra._tridiagonal_eigh).
+cnn_fn, cnn_params = bgeom.models.functional(
+    bgeom.models.create("cnn", (8, 8, 1), 10, activation="softplus", beta=5.0)
+)
+images = np.random.default_rng(0).uniform(size=(8, 8, 8, 1)).astype(np.float32)
+curv = lambda p, x: bgeom.boundary_curvature(cnn_fn, p, x, k=4, num_matvecs=63)
+res = sharding.sweep(curv, cnn_params, images, in_axes=(None, 0), progress=False)
+out["curvature/curvatures"] = np.asarray(res.curvatures)
 try:
     bgeom.batched(deepfool)(apply_fn, params, xs, batch_size=2)
 except ValueError as e:
@@ -336,6 +345,16 @@ def test_sweep_on_four_devices_equals_single_device_vmap(tmp_path):
     )
     assert margin.shape == (10, len(blocks))
     np.testing.assert_allclose(margin, here.margin, **tol(margin.dtype, 16.0))
+    # The curvature sweep finished (it used to hang) and agrees with one device.
+    cnn_fn, cnn_params = bgeom.models.functional(
+        bgeom.models.create("cnn", (8, 8, 1), 10, activation="softplus", beta=5.0)
+    )
+    images = np.random.default_rng(0).uniform(size=(8, 8, 8, 1)).astype(np.float32)
+    one = jax.jit(
+        jax.vmap(lambda x: bgeom.boundary_curvature(cnn_fn, cnn_params, x, k=4, num_matvecs=63))
+    )(images)
+    with np.load(result) as z:
+        np.testing.assert_allclose(z["curvature/curvatures"], one.curvatures, rtol=1e-3, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- 2 processes
