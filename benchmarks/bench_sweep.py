@@ -92,6 +92,12 @@ class _Worker:
         self.sweeps: dict[str, Any] = {}
         self.plains: dict[str, Any] = {}
         self.engines: dict[str, Any] = {}
+        options = dict(
+            candidates=args.candidates,
+            overshoot=args.overshoot,
+            max_iter=args.steps,
+            bounds=(0.0, 1.0),
+        )
         for name in args.models:
             option = "--cnn-batch" if name == "cnn" else "--batch"
             batch = args.cnn_batch if name == "cnn" else args.batch
@@ -102,15 +108,7 @@ class _Worker:
             apply_fn, params = trained.apply_fn, trained.params
 
             def fn(p, xi, apply_fn=apply_fn):
-                return bgeom.deepfool(
-                    apply_fn,
-                    p,
-                    xi,
-                    candidates=args.candidates,
-                    overshoot=args.overshoot,
-                    max_iter=args.steps,
-                    bounds=(0.0, 1.0),
-                )
+                return bgeom.deepfool(apply_fn, p, xi, **options)
 
             def run(fn=fn, params=params, x=x):
                 return bgeom.sweep(
@@ -144,14 +142,7 @@ class _Worker:
             # over this process's devices.
             def engine(apply_fn=apply_fn, params=params, x=x):
                 return bgeom.batched(bgeom.deepfool)(
-                    apply_fn,
-                    params,
-                    x,
-                    candidates=args.candidates,
-                    overshoot=args.overshoot,
-                    max_iter=args.steps,
-                    bounds=(0.0, 1.0),
-                    return_stats=True,
+                    apply_fn, params, x, return_stats=True, **options
                 )
 
             start = time.perf_counter()
