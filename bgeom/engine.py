@@ -199,11 +199,10 @@ def _compiled(it: Iterative, what: str, slots: Any = None) -> Callable:
             states = jax.vmap(it.init, in_axes=(None,) + (0,) * len(example))(consts, *example)
             return states, running(consts, states)
 
-        return jit(
-            lambda consts, rows, *ex: local(init, False, True, *[False] * len(ex))(
-                consts, rows, *ex
-            )
-        )
+        def init_each(consts, rows, *examples):  # examples whole on every device
+            return local(init, False, True, *[False] * len(examples))(consts, rows, *examples)
+
+        return jit(init_each)
     if what == "step":
 
         def step(consts, states):
