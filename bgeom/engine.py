@@ -423,11 +423,13 @@ def run(
     if not devices:
         raise ValueError("engine.run: devices is empty; give at least one device (or None).")
     if batch_size is None:
-        first = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], dtypes.canonicalize_dtype(a.dtype)),
-            examples,
-        )
-        convolves = step_has_convolution(it, consts, *first)
+        convolves = False
+        if jax.default_backend() == "cpu":  # the only backend where the answer matters
+            first = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], dtypes.canonicalize_dtype(a.dtype)),
+                examples,
+            )
+            convolves = step_has_convolution(it, consts, *first)
         batch_size = default_batch_size(convolves) * len(devices)
     if batch_size < len(devices):
         raise ValueError(
